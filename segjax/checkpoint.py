@@ -1,0 +1,48 @@
+"""Checkpoints: the only module that imports orbax.
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when
+complete), so a run killed mid-save leaves the last complete checkpoint as the latest one, and
+unfinished temporary directories are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, *, max_to_keep: int = 3, read_only: bool = False,
+            asynchronous: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager over `<directory>` keeping the newest `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only, enable_async_checkpointing=asynchronous)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+    """Starts an asynchronous save of `state` at `step` (replaces one already there)."""
+    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restores `step` (default: the latest) onto the shardings of `abstract_state`.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set. Returns None when
+    the directory holds no checkpoint.
+    """
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(
+            f'no checkpoint for step {step} in {mngr.directory}; available: {mngr.all_steps()}')
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """Attaches shardings to a pytree of ShapeDtypeStructs (from jax.eval_shape)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, shardings)

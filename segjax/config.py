@@ -1,0 +1,229 @@
+"""Experiment configs: loading an experiment module, command-line overrides, validation.
+
+An experiment module exports `get_config()` returning a ConfigDict built on `defaults()`. Every
+field can be overridden with `--config.a.b=value`; a key the code does not know is an error that
+names it. Sections that hold a callable under `fn` (model, loss, optimizer, schedule) pass their
+other fields as keyword options to it, checked against its signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import ml_collections
+
+# Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
+CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule')
+
+
+class ConfigError(ValueError):
+    """A config that names an unknown key or an unusable value."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key the library reads, with its default. Experiments start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 1000
+    c.batch_size = 16  # global batch over all devices and hosts
+    c.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params stay float32
+
+    c.data = ml_collections.ConfigDict()
+    c.data.builder = None  # a tfds.core.DatasetBuilder class
+    c.data.builder_config = None  # name of its BuilderConfig, or None for the default
+    c.data.data_dir = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
+    c.data.num_classes = 0
+    c.data.class_names = ()
+    c.data.palette = None  # uint8 [num_classes, 3] or None for the VOC palette
+    c.data.ignore_index = 255
+    c.data.train_split = 'train'
+    c.data.eval_split = 'validation'
+    c.data.crop_size = (64, 64)
+    c.data.scale_range = (1.0, 1.0)
+    c.data.flip = True
+    c.data.eval_pad_size = None  # (H, W) every eval image is padded to, or None
+    c.data.mean = (123.675, 116.28, 103.53)
+    c.data.std = (58.395, 57.12, 57.375)
+
+    c.model = ml_collections.ConfigDict({'fn': None})
+    c.loss = ml_collections.ConfigDict({'fn': None})
+    c.optimizer = ml_collections.ConfigDict({'fn': None})
+    c.schedule = ml_collections.ConfigDict({'fn': None})
+
+    c.log_every = 50
+    c.eval_every = 500  # 0 = only at the end
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_batch_size = 32
+    c.num_summary_images = 4
+    return c
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from the experiment file at `path`, applies and validates overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path!r} does not exist')
+    module_name = '_segjax_experiment_' + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so pickling/inspect can find callables defined there
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f'config file {path!r} defines no get_config()')
+    config = module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    validate(config, source=path)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Applies one `a.b.c=value` override; the value is parsed as a Python literal if it can be."""
+    if '=' not in item:
+        raise ConfigError(f'override {item!r} must look like --config.key=value')
+    path, text = item.split('=', 1)
+    *parents, leaf = path.split('.')
+    node = config
+    for i, key in enumerate(parents):
+        if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+            raise ConfigError(_unknown_key('.'.join(parents[: i + 1]), key, node))
+        node = node[key]
+    if leaf not in node:
+        raise ConfigError(_unknown_key(path, leaf, node))
+    old = node[leaf]
+    value = _parse_value(text, old, path)
+    with node.ignore_type():
+        node[leaf] = value
+
+
+def _parse_value(text: str, old, path: str):
+    if isinstance(old, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if old is None:
+            return text
+        raise ConfigError(
+            f'config key {path!r}: cannot parse {text!r} as a {type(old).__name__}') from None
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ConfigError(f'config key {path!r}: expected True or False, got {text!r}')
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if old is not None and not isinstance(value, type(old)) and not callable(old):
+        raise ConfigError(
+            f'config key {path!r}: expected a {type(old).__name__}, got {text!r}')
+    return value
+
+
+def _unknown_key(path: str, key: str, node) -> str:
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    return f'unknown config key {path!r}{hint}; known keys here: {sorted(node.keys())}'
+
+
+def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
+    """Raises ConfigError naming the first key the library does not know or cannot use."""
+    _check_known(config, defaults(), prefix='', source=source)
+    for section in CALLABLE_SECTIONS:
+        fn = config[section].get('fn')
+        if not callable(fn):
+            raise ConfigError(f'{source}: config.{section}.fn must be a callable, got {fn!r}')
+        opts = options(config[section])
+        if section == 'optimizer':
+            if 'lr' not in opts:
+                raise ConfigError(f'{source}: config.optimizer.lr (the peak learning rate) is '
+                                  'missing')
+            del opts['lr']  # the schedule's peak value, not an option of the optimizer
+        check_options(fn, opts, f'{source}: config.{section}')
+    if config.data.builder is None:
+        raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
+    if config.data.num_classes < 2:
+        raise ConfigError(f'{source}: config.data.num_classes must be >= 2')
+
+
+def _check_known(config, reference, prefix: str, source: str) -> None:
+    for key in config.keys():
+        path = prefix + key
+        if key not in reference:
+            raise ConfigError(f'{source}: ' + _unknown_key(path, key, reference))
+        if path.split('.')[0] in CALLABLE_SECTIONS:
+            continue  # options are checked against the callable's signature instead
+        if isinstance(config[key], ml_collections.ConfigDict):
+            _check_known(config[key], reference[key], path + '.', source)
+
+
+def options(section: ml_collections.ConfigDict) -> dict:
+    """The keyword options of a callable section: every field but `fn`, as plain Python."""
+    return {k: _plain(v) for k, v in section.items() if k != 'fn'}
+
+
+def _plain(value):
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def check_options(fn: Callable, opts: dict, where: str) -> None:
+    """Raises ConfigError if `fn` does not accept every option in `opts` as a keyword."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in opts:
+        if key not in params:
+            raise ConfigError(
+                f'{where}.{key}: {getattr(fn, "__name__", fn)} takes no option {key!r}; '
+                f'it takes {[p for p in params if p != "self"]}')
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits `--config.a=b` overrides from the other command-line arguments."""
+    overrides, rest = [], []
+    for arg in argv:
+        if arg.startswith('--config.'):
+            overrides.append(arg[len('--config.'):])
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
+def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags every entry point shares; `--config.a.b=value` overrides are split off first."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog='Any config field can be overridden: --config.optimizer.lr=0.05')
+    parser.add_argument('--config', required=True, help='experiment file, e.g. experiments/x.py')
+    parser.add_argument('--workdir', required=True, help='checkpoints, logs and metrics go here')
+    parser.add_argument('--multihost', action='store_true',
+                        help='call jax.distributed.initialize (auto-detects TPU/Slurm/MPI)')
+    parser.add_argument('--coordinator', default=None, help='host:port of process 0')
+    parser.add_argument('--num_processes', type=int, default=None)
+    parser.add_argument('--process_id', type=int, default=None)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
+    """(args, config): parses flags, starts the distributed runtime if asked, loads the config."""
+    overrides, rest = split_argv(argv)
+    args = parser.parse_args(rest)
+    from segjax import sharding  # imports jax, which the entry points need from here on
+
+    sharding.configure_runtime()
+    if args.multihost or args.coordinator:
+        sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    return args, config

@@ -1,0 +1,109 @@
+"""python -m segjax.evaluate --config <experiment> --workdir <dir> [--step N]
+
+Dataset-level metrics of a checkpoint on the config's eval split: prints a per-class table,
+writes <workdir>/eval/metrics.json and <workdir>/eval/confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from segjax import config as config_lib
+from segjax import experiment, metrics, sharding, step, visualize
+from segjax.data import pipeline
+
+# Device-side int32 counts are moved to a host int64 total this often, far below overflow.
+FLUSH_EVERY = 64
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, model, mesh):
+    """Jitted (state, global batch) -> replicated [C, C] confusion matrix."""
+    fn = functools.partial(step.eval_step, model=model, num_classes=config.data.num_classes,
+                           ignore_index=config.data.ignore_index)
+    return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict,
+                         mesh) -> np.ndarray:
+    """Streams the eval split through `eval_fn`; only the confusion matrix accumulates."""
+    local_batch = sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size')
+    batches = pipeline.eval_batches(
+        builder, split=config.data.eval_split, local_batch_size=local_batch,
+        pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), mean=config.data.mean, std=config.data.std)
+    total = np.zeros((config.data.num_classes,) * 2, np.int64)
+    pending = None
+    for i, batch in enumerate(batches):
+        cm = eval_fn(state, sharding.to_global(batch, mesh))
+        pending = cm if pending is None else pending + cm
+        if (i + 1) % FLUSH_EVERY == 0:
+            total += np.asarray(jax.device_get(pending), np.int64)
+            pending = None
+    if pending is not None:
+        total += np.asarray(jax.device_get(pending), np.int64)
+    return total
+
+
+def json_safe(value):
+    """NaN (classes absent from ground truth and prediction) becomes null in JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic write: a crash never leaves a half-written metrics file."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(json_safe(payload), f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str]) -> dict:
+    parser = config_lib.argument_parser('segjax.evaluate', __doc__.splitlines()[2])
+    parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    args, config = config_lib.parse(parser, argv)
+    mesh = sharding.make_mesh()
+    try:
+        model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
+    except FileNotFoundError as e:
+        parser.exit(1, f'segjax.evaluate: error: {e}\n')
+    builder = experiment.dataset_builder(config)
+    cm = confusion_over_split(state, make_eval_fn(config, model, mesh), builder, config, mesh)
+    names = experiment.class_names(config)
+    summary = metrics.summarize(cm, names)
+    result = {'step': int(state.step), 'split': config.data.eval_split, **summary,
+              'class_names': names, 'confusion_matrix': cm.tolist()}
+    if jax.process_index() == 0:
+        print(metrics.format_table(summary, names))
+        eval_dir = os.path.join(args.workdir, 'eval')
+        write_json(os.path.join(eval_dir, 'metrics.json'), result)
+        visualize.plot_confusion_matrix(cm, names, os.path.join(eval_dir, 'confusion_matrix.png'))
+        print(f'wrote {eval_dir}/metrics.json and {eval_dir}/confusion_matrix.png')
+    return result
+
+
+def run() -> None:
+    main(sys.argv[1:])
+
+
+if __name__ == '__main__':
+    run()

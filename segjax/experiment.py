@@ -1,0 +1,110 @@
+"""Turning a validated config into the objects the loops use: model, loss, data, state.
+
+Shared by train, evaluate and predict so that all three build exactly the same model and
+restore exactly the same state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from segjax import checkpoint, optim, sharding, step
+from segjax import config as config_lib
+from segjax.visualize import default_palette
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+    if config.dtype not in DTYPES:
+        raise config_lib.ConfigError(
+            f'config.dtype={config.dtype!r}: expected one of {sorted(DTYPES)}')
+    return DTYPES[config.dtype]
+
+
+def make_model(config: ml_collections.ConfigDict):
+    """The linen module named by config.model.fn with its options, at config.dtype."""
+    return config.model.fn(num_classes=config.data.num_classes, dtype=compute_dtype(config),
+                           **config_lib.options(config.model))
+
+
+def make_loss(config: ml_collections.ConfigDict) -> Callable:
+    """loss(logits, labels) -> scalar, with the config's options bound."""
+    return functools.partial(config.loss.fn, ignore_index=config.data.ignore_index,
+                             **config_lib.options(config.loss))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                               optax.Schedule]:
+    return optim.make(config)
+
+
+def palette(config: ml_collections.ConfigDict) -> np.ndarray:
+    if config.data.palette is not None:
+        return np.asarray(config.data.palette, np.uint8)
+    return default_palette(config.data.num_classes)
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+    names = list(config.data.class_names)
+    return names if len(names) == config.data.num_classes else [
+        str(i) for i in range(config.data.num_classes)]
+
+
+def dataset_builder(config: ml_collections.ConfigDict):
+    """The TFDS builder, prepared: process 0 first, then the others (a no-op on a shared disk)."""
+    builder = config.data.builder(data_dir=config.data.data_dir,
+                                  config=config.data.builder_config)
+    if jax.process_index() == 0:
+        builder.download_and_prepare()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('segjax: dataset prepared')
+        if jax.process_index() != 0:
+            builder.download_and_prepare()
+    return builder
+
+
+def state_shardings(mesh, abstract_state):
+    """Data parallelism: every leaf of the train state is replicated on every device."""
+    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+
+
+def initial_state(config: ml_collections.ConfigDict, model, tx, mesh):
+    """(init function, abstract state with shardings): init runs jitted, straight to devices."""
+    height, width = config.data.crop_size
+    init = functools.partial(step.create_state, model, tx, image_shape=(1, height, width, 3))
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = state_shardings(mesh, abstract)
+    init = jax.jit(init, out_shardings=shardings)
+    return init, checkpoint.abstract_with_shardings(abstract, shardings)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, 'checkpoints')
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_number=None):
+    """The model and the checkpointed state at `step_number` (default latest); errors if none."""
+    model = make_model(config)
+    tx, _ = make_optimizer(config)
+    _, abstract = initial_state(config, model, tx, mesh)
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f'no checkpoints in workdir {workdir!r} (expected {directory}); train first with '
+            f'python -m segjax.train --config <experiment> --workdir {workdir}')
+    mngr = checkpoint.manager(directory, read_only=True)
+    state = checkpoint.restore(mngr, abstract, step_number)
+    mngr.close()
+    if state is None:
+        raise FileNotFoundError(f'no complete checkpoint in {directory}')
+    return model, state

@@ -1,0 +1,104 @@
+"""python -m segjax.predict --config <exp> --workdir <dir> --input <file|dir|glob> --output <dir>
+
+Segments images with a checkpoint. For each input image `name.ext` it writes `name_mask.png`
+(class index per pixel), `name_color.png` (the classes in the palette's colours) and
+`name_overlay.png` (the colours blended over the image).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segjax import config as config_lib
+from segjax import experiment, sharding, step, visualize
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+class InputError(ValueError):
+    """An input path that names no image, or an image that cannot be read."""
+
+
+def list_inputs(pattern: str) -> list[str]:
+    """Image files named by a file path, a directory (its images) or a glob pattern."""
+    if os.path.isdir(pattern):
+        paths = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))
+                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isfile(pattern):
+        paths = [pattern]
+    else:
+        paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    if not paths:
+        raise InputError(f'--input {pattern!r} matches no image file (a file, a directory of '
+                         f'{"/".join(IMAGE_EXTENSIONS)} images, or a glob pattern)')
+    return paths
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [H,W,3]; an unreadable file is an InputError naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert('RGB'))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f'cannot read image {path!r}: {e}') from None
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    return ((image.astype(np.float32) - np.asarray(mean, np.float32))
+            / np.asarray(std, np.float32))
+
+
+def write_outputs(output_dir: str, name: str, image: np.ndarray, mask: np.ndarray,
+                  palette: np.ndarray) -> None:
+    color = visualize.color_mask(mask, palette)
+    Image.fromarray(mask.astype(np.uint8)).save(os.path.join(output_dir, f'{name}_mask.png'))
+    Image.fromarray(color).save(os.path.join(output_dir, f'{name}_color.png'))
+    Image.fromarray(visualize.overlay(image, color)).save(
+        os.path.join(output_dir, f'{name}_overlay.png'))
+
+
+def main(argv: Sequence[str]) -> list[str]:
+    parser = config_lib.argument_parser('segjax.predict', __doc__.splitlines()[2])
+    parser.add_argument('--input', required=True, help='an image, a directory or a glob')
+    parser.add_argument('--output', required=True, help='directory for the output PNGs')
+    parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    args, config = config_lib.parse(parser, argv)
+    try:
+        paths = list_inputs(args.input)
+        images = [read_rgb(p) for p in paths]  # fail on a bad file before any model work
+        mesh = sharding.make_mesh()
+        model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
+    except (InputError, FileNotFoundError) as e:
+        parser.exit(1, f'segjax.predict: error: {e}\n')
+    predict_fn = jax.jit(functools.partial(step.predict_step, model=model))
+    palette = experiment.palette(config)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for path, image in zip(paths, images, strict=True):
+        # One image at a time, replicated: sizes differ and a batch of one cannot be split.
+        batch = jax.device_put(normalize(image, config.data.mean, config.data.std)[None],
+                               sharding.replicated(mesh))
+        mask = np.asarray(jax.device_get(predict_fn(state, batch)))[0]
+        name = os.path.splitext(os.path.basename(path))[0]
+        if jax.process_index() == 0:
+            write_outputs(args.output, name, image, mask, palette)
+        written.append(name)
+    if jax.process_index() == 0:
+        print(f'wrote {len(written)} x (mask, color, overlay) PNGs to {args.output}')
+    return written
+
+
+def run() -> None:
+    main(sys.argv[1:])
+
+
+if __name__ == '__main__':
+    run()

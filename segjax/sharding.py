@@ -1,0 +1,79 @@
+"""Device mesh, shardings, host batches -> global arrays, and multi-host initialisation.
+
+One mesh axis, 'data', spans every device of every process: parameters are replicated and the
+batch is split along it, so the same code runs on one CPU, 8 GPUs or a multi-host cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from segjax.config import ConfigError
+
+DATA_AXIS = 'data'
+
+
+# XLA:CPU convolutions through oneDNN with YNN fusion off: 1.3-1.9x faster steps on the CPUs
+# measured (see benchmarks/); ignored by GPU and TPU backends.
+CPU_XLA_FLAGS = ('--xla_cpu_use_onednn=true', '--xla_cpu_experimental_ynn_fusion_type=')
+
+
+def configure_runtime() -> None:
+    """Sets fast XLA:CPU flags (unless the user set them) and the 'rbg' PRNG.
+
+    Call before the first JAX computation. 'rbg' keys compile far faster than threefry at init
+    (5 s vs 17-29 s for a U-Net on 2 cores); parameters are initialised replicated, so every
+    device and process still draws the same values.
+    """
+    flags = os.environ.get('XLA_FLAGS', '')
+    for flag in CPU_XLA_FLAGS:
+        if flag.split('=')[0] not in flags:
+            flags += ' ' + flag
+    os.environ['XLA_FLAGS'] = flags.strip()
+    jax.config.update('jax_default_prng_impl', 'rbg')
+
+
+def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+    """Starts JAX's distributed runtime; with no arguments it auto-detects TPU/Slurm/MPI."""
+    # CPU processes talk over gloo (loopback or LAN); it only affects the CPU backend.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def make_mesh() -> Mesh:
+    """A 1-D data-parallel mesh over all devices of all processes (Auto axes, per the guide)."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, name: str = 'batch_size') -> int:
+    """This process's share of the global batch; it must split evenly over all devices."""
+    devices, processes = jax.device_count(), jax.process_count()
+    if global_batch_size % devices:
+        raise ConfigError(
+            f'config.{name}={global_batch_size} must be a multiple of the device count '
+            f'({devices} devices over {processes} processes), e.g. '
+            f'{max(devices, global_batch_size // devices * devices)}')
+    return global_batch_size // processes
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into one global array sharded on 'data'."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}

@@ -1,0 +1,193 @@
+"""python -m segjax.train --config experiments/<name>.py --workdir <dir> [--config.key=value]
+
+Trains, evaluates, checkpoints and logs an experiment. Run the same command again to resume from
+the latest checkpoint in <workdir>; Ctrl-C or SIGTERM saves at the next step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from segjax import checkpoint, experiment, metrics, sharding, step, visualize
+from segjax import config as config_lib
+from segjax.data import pipeline
+from segjax.evaluate import confusion_over_split, make_eval_fn, write_json
+from segjax.summary import SummaryWriter
+
+
+class StopRequest:
+    """Turns SIGTERM / the first Ctrl-C into a flag the loop checks at each step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,
+                                                                        signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = True
+        print(f'\n{signal.Signals(signum).name}: saving a checkpoint at the next step, '
+              'then exiting (Ctrl-C again to abort)', flush=True)
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
+
+
+def summary_images(state, batch: dict, predict_fn, config: ml_collections.ConfigDict,
+                   mesh) -> np.ndarray:
+    """Input | ground truth | prediction, colour-coded, for the first few eval images."""
+    n = config.num_summary_images
+    pred = np.asarray(jax.device_get(predict_fn(state, sharding.to_global(batch, mesh)['image'])))
+    palette = experiment.palette(config)
+    rows = []
+    for image, label, p in zip(batch['image'][:n], batch['label'][:n], pred[:n], strict=False):
+        rgb = visualize.denormalize(image, config.data.mean, config.data.std)
+        rows.append(visualize.side_by_side(
+            rgb, visualize.overlay(rgb, visualize.color_mask(label, palette)),
+            visualize.overlay(rgb, visualize.color_mask(p, palette))))
+    return np.stack(rows)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the experiment to config.num_steps; returns the final metrics."""
+    start_time = time.time()
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    local_batch = sharding.local_batch_size(config.batch_size)
+    model = experiment.make_model(config)
+    tx, schedule = experiment.make_optimizer(config)
+    loss_fn = experiment.make_loss(config)
+    builder = experiment.dataset_builder(config)
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    init, abstract_state = experiment.initial_state(config, model, tx, mesh)
+    mngr = checkpoint.manager(experiment.checkpoint_dir(workdir),
+                              max_to_keep=config.keep_checkpoints)
+    state = checkpoint.restore(mngr, abstract_state)
+    if state is None:
+        state = init(init_rng)
+    first_step = int(state.step)
+    if is_main:
+        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        print(f'{"resuming at" if first_step else "starting"} step {first_step}/{config.num_steps}'
+              f' | {num_params:,} parameters | {jax.device_count()} devices, '
+              f'{jax.process_count()} processes | global batch {config.batch_size}', flush=True)
+
+    train_step = jax.jit(
+        functools.partial(step.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                          ignore_index=config.data.ignore_index),
+        out_shardings=(experiment.state_shardings(mesh, state), sharding.replicated(mesh)),
+        donate_argnums=0)
+    eval_fn = make_eval_fn(config, model, mesh)
+    predict_fn = jax.jit(functools.partial(step.predict_step, model=model))
+    batches = pipeline.train_batches(
+        builder, split=config.data.train_split, local_batch_size=local_batch,
+        crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),
+        flip=config.data.flip, seed=config.seed, start_step=first_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        mean=config.data.mean, std=config.data.std)
+    writer = SummaryWriter(workdir)
+
+    def run_eval(step_number: int) -> dict:
+        cm = confusion_over_split(state, eval_fn, builder, config, mesh)
+        summary = metrics.summarize(cm, experiment.class_names(config))
+        writer.scalars(step_number, {f'val/{k}': summary[k] for k in (
+            'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou')})
+        writer.scalars(step_number, {f'val/iou/{name}': iou for name, iou in zip(
+            experiment.class_names(config), summary['per_class_iou'], strict=True)})
+        first = next(pipeline.eval_batches(
+            builder, split=config.data.eval_split, local_batch_size=sharding.local_batch_size(
+                config.eval_batch_size, 'eval_batch_size'),
+            pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), mean=config.data.mean, std=config.data.std))
+        writer.images(step_number, 'val/input_truth_prediction',
+                      summary_images(state, first, predict_fn, config, mesh))
+        if is_main:
+            print(f'eval @ {step_number}: mIoU {summary["miou"]:.4f} | pixel acc '
+                  f'{summary["pixel_accuracy"]:.4f} | mDice {summary["mdice"]:.4f}', flush=True)
+        return {'step': step_number, 'cm': cm, **summary}
+
+    stop = StopRequest()
+    last_eval = None
+    window_start, window_steps = time.time(), 0
+    try:
+        for step_number in range(first_step + 1, config.num_steps + 1):
+            batch = sharding.to_global(next(batches), mesh)
+            state, stats = train_step(state, batch, train_rng)
+            window_steps += 1
+            is_last = step_number == config.num_steps
+            if step_number % config.log_every == 0 or is_last or stop.requested:
+                stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+                elapsed = time.time() - window_start
+                images_per_s = window_steps * config.batch_size / elapsed
+                stats.update(lr=float(schedule(step_number - 1)), images_per_s=images_per_s)
+                writer.scalars(step_number, {f'train/{k}': v for k, v in stats.items()})
+                if is_main:
+                    eta = (config.num_steps - step_number) * elapsed / window_steps
+                    print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f} | '
+                          f'acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
+                          f'{images_per_s:.1f} img/s | ETA {format_seconds(eta)}', flush=True)
+                window_start, window_steps = time.time(), 0
+            if is_last or (config.eval_every and step_number % config.eval_every == 0):
+                last_eval = run_eval(step_number)
+                window_start, window_steps = time.time(), 0  # eval time is not training speed
+            if is_last or stop.requested or step_number % config.checkpoint_every == 0:
+                checkpoint.save(mngr, step_number, state)
+            if stop.requested:
+                break
+    finally:
+        stop.restore()
+        mngr.wait_until_finished()  # never exit with a save half-written
+        mngr.close()
+        writer.close()
+
+    if stop.requested:
+        if is_main:
+            print(f'stopped at step {int(state.step)}; run the same command to resume', flush=True)
+        return {}
+    if last_eval is None:  # resumed an already finished run: evaluate what is there
+        last_eval = run_eval(int(state.step))
+    result = {key: value for key, value in last_eval.items() if key != 'cm'}
+    result.update(class_names=experiment.class_names(config),
+                  confusion_matrix=last_eval['cm'].tolist(),
+                  wall_seconds_this_run=time.time() - start_time)
+    if is_main:
+        write_json(os.path.join(workdir, 'metrics.json'), result)
+        print(metrics.format_table(last_eval, experiment.class_names(config)))
+        print(f'done in {format_seconds(time.time() - start_time)}; metrics in '
+              f'{workdir}/metrics.json, TensorBoard: tensorboard --logdir {workdir}', flush=True)
+    return result
+
+
+def main(argv: Sequence[str]) -> dict:
+    parser = config_lib.argument_parser('segjax.train', __doc__.splitlines()[2])
+    args, config = config_lib.parse(parser, argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    try:
+        return train(config, args.workdir)
+    except config_lib.ConfigError as e:
+        parser.exit(2, f'segjax.train: error: {e}\n')
+
+
+def run() -> None:
+    main(sys.argv[1:])
+
+
+if __name__ == '__main__':
+    run()
