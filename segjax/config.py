@@ -95,9 +95,11 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
             raise ConfigError(_unknown_key('.'.join(parents[: i + 1]), key, node))
         node = node[key]
-    if leaf not in node:
+    # Options of a callable section may be new: validate() checks them against its signature.
+    adds_option = len(parents) == 1 and parents[0] in CALLABLE_SECTIONS
+    if leaf not in node and not adds_option:
         raise ConfigError(_unknown_key(path, leaf, node))
-    old = node[leaf]
+    old = node.get(leaf)
     value = _parse_value(text, old, path)
     with node.ignore_type():
         node[leaf] = value
@@ -180,11 +182,13 @@ def check_options(fn: Callable, opts: dict, where: str) -> None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
+    accepted = [p for p in params if p not in ('self', 'parent', 'name')]
     for key in opts:
         if key not in params:
-            raise ConfigError(
-                f'{where}.{key}: {getattr(fn, "__name__", fn)} takes no option {key!r}; '
-                f'it takes {[p for p in params if p != "self"]}')
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise ConfigError(f'{where}.{key}: {getattr(fn, "__name__", fn)} takes no option '
+                              f'{key!r}{hint}; it takes {accepted}')
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -39,7 +39,8 @@ def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigD
     batches = pipeline.eval_batches(
         builder, split=config.data.eval_split, local_batch_size=local_batch,
         pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), mean=config.data.mean, std=config.data.std)
+        process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
+        ignore_index=config.data.ignore_index)
     total = np.zeros((config.data.num_classes,) * 2, np.int64)
     pending = None
     for i, batch in enumerate(batches):

@@ -60,7 +60,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         batch_stats=updates.get('batch_stats', state.batch_stats), opt_state=opt_state)
     valid = batch['label'] != ignore_index
     correct = (jnp.argmax(logits, -1) == batch['label']) & valid
-    stats = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    stats = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'pixel_accuracy': correct.sum() / jnp.maximum(valid.sum(), 1)}
     return new_state, stats
 

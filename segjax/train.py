@@ -101,7 +101,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),
         flip=config.data.flip, seed=config.seed, start_step=first_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        mean=config.data.mean, std=config.data.std)
+        mean=config.data.mean, std=config.data.std,
+        ignore_index=config.data.ignore_index)
     writer = SummaryWriter(workdir)
 
     def run_eval(step_number: int) -> dict:
@@ -115,7 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             builder, split=config.data.eval_split, local_batch_size=sharding.local_batch_size(
                 config.eval_batch_size, 'eval_batch_size'),
             pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
-            process_count=jax.process_count(), mean=config.data.mean, std=config.data.std))
+            process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
+        ignore_index=config.data.ignore_index))
         writer.images(step_number, 'val/input_truth_prediction',
                       summary_images(state, first, predict_fn, config, mesh))
         if is_main:

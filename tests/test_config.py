@@ -1,0 +1,70 @@
+"""Config loading, command-line overrides and validation errors."""
+
+import pytest
+
+from segjax import config as config_lib
+
+EXPERIMENT = 'experiments/unet_synthetic.py'
+
+
+def test_experiment_loads_and_validates():
+    config = config_lib.load(EXPERIMENT)
+    assert config.data.num_classes == len(config.data.class_names) == 8
+
+
+def test_overrides_parse_to_the_field_type():
+    config = config_lib.load(EXPERIMENT, [
+        'optimizer.lr=0.05', 'num_steps=7', 'data.crop_size=(32, 48)', 'data.flip=False',
+        'data.data_dir=/tmp/somewhere', 'model.base_width=8'])
+    assert config.optimizer.lr == 0.05
+    assert config.num_steps == 7
+    assert tuple(config.data.crop_size) == (32, 48)
+    assert config.data.flip is False
+    assert config.data.data_dir == '/tmp/somewhere'
+    assert config.model.base_width == 8
+
+
+def test_integer_for_float_field_becomes_float():
+    config = config_lib.load(EXPERIMENT, ['optimizer.lr=1'])
+    assert isinstance(config.optimizer.lr, float)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('optimizer.lrr=0.1', "config.optimizer.lrr: adamw takes no option 'lrr'"),
+    ('data.crop_sise=(1, 1)', "unknown config key 'data.crop_sise' (did you mean 'crop_size'?)"),
+    ('nmu_steps=3', "unknown config key 'nmu_steps' (did you mean 'num_steps'?)"),
+    ('dat.crop_size=(1, 1)', "unknown config key 'dat'"),
+    ('num_steps=many', "config key 'num_steps': cannot parse 'many' as a int"),
+    ('data.flip=1', "config key 'data.flip': expected True or False"),
+    ('model.widht=3', "config.model.widht: UNet takes no option 'widht'"),
+    ('num_steps', 'must look like --config.key=value'),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load(EXPERIMENT, [override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_experiment_file(tmp_path):
+    path = tmp_path / 'typo.py'
+    path.write_text(
+        'from segjax import config as config_lib\n'
+        'import importlib.util, sys\n'
+        f'spec = importlib.util.spec_from_file_location("base", {EXPERIMENT!r})\n'
+        'base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)\n'
+        'def get_config():\n'
+        '    c = base.get_config()\n'
+        '    c.optimzer = c.optimizer\n'
+        '    return c\n')
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'optimzer'"):
+        config_lib.load(str(path))
+
+
+def test_missing_config_file():
+    with pytest.raises(config_lib.ConfigError, match='does not exist'):
+        config_lib.load('experiments/no_such_experiment.py')
+
+
+def test_split_argv():
+    overrides, rest = config_lib.split_argv(['--workdir', 'w', '--config.a.b=1', '--config', 'x'])
+    assert overrides == ['a.b=1'] and rest == ['--workdir', 'w', '--config', 'x']
