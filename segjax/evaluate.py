@@ -32,18 +32,22 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, mesh):
     return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
-def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict,
-                         mesh) -> np.ndarray:
-    """Streams the eval split through `eval_fn`; only the confusion matrix accumulates."""
-    local_batch = sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size')
-    batches = pipeline.eval_batches(
-        builder, split=config.data.eval_split, local_batch_size=local_batch,
+def eval_batches(builder, config: ml_collections.ConfigDict):
+    """This process's eval batches; every process yields the same number (padded, valid=False)."""
+    return pipeline.eval_batches(
+        builder, split=config.data.eval_split,
+        local_batch_size=sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size'),
         pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
         process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
         ignore_index=config.data.ignore_index)
+
+
+def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict,
+                         mesh) -> np.ndarray:
+    """Streams the eval split through `eval_fn`; only the confusion matrix accumulates."""
     total = np.zeros((config.data.num_classes,) * 2, np.int64)
     pending = None
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(eval_batches(builder, config)):
         cm = eval_fn(state, sharding.to_global(batch, mesh))
         pending = cm if pending is None else pending + cm
         if (i + 1) % FLUSH_EVERY == 0:

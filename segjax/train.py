@@ -20,7 +20,7 @@ import numpy as np
 from segjax import checkpoint, experiment, metrics, sharding, step, visualize
 from segjax import config as config_lib
 from segjax.data import pipeline
-from segjax.evaluate import confusion_over_split, make_eval_fn, write_json
+from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
 from segjax.summary import SummaryWriter
 
 
@@ -112,12 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou')})
         writer.scalars(step_number, {f'val/iou/{name}': iou for name, iou in zip(
             experiment.class_names(config), summary['per_class_iou'], strict=True)})
-        first = next(pipeline.eval_batches(
-            builder, split=config.data.eval_split, local_batch_size=sharding.local_batch_size(
-                config.eval_batch_size, 'eval_batch_size'),
-            pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
-            process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
-        ignore_index=config.data.ignore_index))
+        first = next(eval_batches(builder, config))
         writer.images(step_number, 'val/input_truth_prediction',
                       summary_images(state, first, predict_fn, config, mesh))
         if is_main:

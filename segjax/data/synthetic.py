@@ -198,6 +198,10 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
     BUILDER_CONFIGS = [
         SyntheticShapesConfig(name='default', description='The field defaults.'),
+        # Seconds to build; for smoke tests of the whole train/evaluate/predict path.
+        SyntheticShapesConfig(name='smoke', description='32x32, 48 train, 16 validation.',
+                              image_size=32, num_train=48, num_validation=16,
+                              min_object_size=8, max_object_size=18),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:

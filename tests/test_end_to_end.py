@@ -1,0 +1,152 @@
+"""The real command lines on the smoke-size synthetic data: train -> checkpoint -> resume ->
+evaluate -> predict, SIGTERM and resume, and the clear errors a user gets for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+EXPERIMENT = 'experiments/unet_synthetic.py'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_overrides(data_dir, **extra):
+    values = {'data.builder_config': 'smoke', 'data.data_dir': str(data_dir),
+              'data.crop_size': '(32,32)', 'model.base_width': 4, 'model.depth': 2,
+              'batch_size': 8, 'eval_batch_size': 8, 'num_steps': 4, 'log_every': 2,
+              'eval_every': 0, 'checkpoint_every': 2, 'num_summary_images': 2}
+    values.update(extra)
+    return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def run_cli(module, *args, check=True):
+    result = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{module} exited {result.returncode}:\n{result.stderr[-4000:]}')
+    return result
+
+
+def checkpoint_steps(workdir):
+    directory = os.path.join(workdir, 'checkpoints')
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A workdir trained for 4 steps, then resumed to 6."""
+    root = tmp_path_factory.mktemp('e2e')
+    workdir, data_dir = root / 'run', root / 'tfds'
+    first = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', workdir,
+                    *tiny_overrides(data_dir))
+    second = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', workdir,
+                     *tiny_overrides(data_dir, num_steps=6))
+    return {'workdir': workdir, 'data_dir': data_dir, 'root': root,
+            'first': first.stdout, 'second': second.stdout}
+
+
+def test_train_checkpoints_and_writes_metrics(trained):
+    assert 'starting step 0/4' in trained['first']
+    assert 'step 4/4' in trained['first']
+    metrics = json.loads((trained['workdir'] / 'metrics.json').read_text())
+    assert metrics['step'] == 6
+    assert 0.0 <= metrics['miou'] <= 1.0
+    assert len(metrics['per_class_iou']) == 8
+    assert np.asarray(metrics['confusion_matrix']).sum() == 16 * 32 * 32  # every val pixel once
+    events = [f for f in os.listdir(trained['workdir']) if f.startswith('events.out.tfevents')]
+    assert events, 'TensorBoard event file written'
+
+
+def test_resume_continues_from_the_last_checkpoint(trained):
+    assert 'resuming at step 4/6' in trained['second']
+    assert 'step 6/6' in trained['second']
+    assert checkpoint_steps(trained['workdir'])[-1] == 6
+
+
+def test_evaluate_latest_and_given_step(trained):
+    result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                     *tiny_overrides(trained['data_dir']))
+    assert 'mIoU' in result.stdout and 'circle' in result.stdout
+    metrics = json.loads((trained['workdir'] / 'eval' / 'metrics.json').read_text())
+    assert metrics['step'] == 6
+    trained_metrics = json.loads((trained['workdir'] / 'metrics.json').read_text())
+    # The same checkpoint evaluated twice (in training and standalone) gives the same matrix.
+    assert metrics['confusion_matrix'] == trained_metrics['confusion_matrix']
+    with Image.open(trained['workdir'] / 'eval' / 'confusion_matrix.png') as png:
+        assert png.size[0] > 100
+    result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                     '--step', 4, *tiny_overrides(trained['data_dir']))
+    assert json.loads((trained['workdir'] / 'eval' / 'metrics.json').read_text())['step'] == 4
+
+
+def test_predict_writes_mask_colour_and_overlay(trained):
+    inputs = trained['root'] / 'images'
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (('a', (32, 32)), ('b', (45, 29))):  # odd sizes work too
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+            inputs / f'{name}.png')
+    out = trained['root'] / 'predictions'
+    run_cli('segjax.predict', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+            '--input', inputs, '--output', out, *tiny_overrides(trained['data_dir']))
+    for name, size in (('a', (32, 32)), ('b', (45, 29))):
+        with Image.open(out / f'{name}_mask.png') as mask:
+            mask = np.asarray(mask)
+        assert mask.shape == size and mask.max() < 8
+        for kind in ('color', 'overlay'):
+            with Image.open(out / f'{name}_{kind}.png') as image:
+                assert np.asarray(image).shape == (*size, 3)
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, trained):
+    workdir = tmp_path / 'run'
+    args = [sys.executable, '-m', 'segjax.train', '--config', EXPERIMENT, '--workdir',
+            str(workdir), *tiny_overrides(trained['data_dir'], num_steps=100000, log_every=1,
+                                          checkpoint_every=100000)]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.time() + 300
+    for line in process.stdout:
+        if line.startswith('step 3/'):
+            break
+        assert time.time() < deadline, 'training did not start'
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+    assert 'run the same command to resume' in output
+    saved = checkpoint_steps(workdir)
+    assert len(saved) == 1 and saved[0] >= 3  # saved at the step boundary after the signal
+    resumed = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', workdir,
+                      *tiny_overrides(trained['data_dir'], num_steps=saved[0] + 1))
+    assert f'resuming at step {saved[0]}/' in resumed.stdout
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path):
+    result = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', tmp_path,
+                     '--config.optimizer.lrr=0.1', check=False)
+    assert result.returncode == 2
+    assert "config.optimizer.lrr: adamw takes no option 'lrr'" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
+    result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', tmp_path / 'empty',
+                     check=False)
+    assert result.returncode == 1
+    assert 'no checkpoints in workdir' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_predict_unreadable_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / 'broken.png'
+    bad.write_bytes(b'this is not a png')
+    result = run_cli('segjax.predict', '--config', EXPERIMENT, '--workdir', tmp_path,
+                     '--input', bad, '--output', tmp_path / 'out', check=False)
+    assert result.returncode == 1
+    assert f'cannot read image {str(bad)!r}' in result.stderr
+    assert 'Traceback' not in result.stderr
