@@ -18,7 +18,7 @@ from segjax.models import unet
 def get_config():
     config = config_lib.defaults()
     config.seed = 0
-    config.num_steps = 1500
+    config.num_steps = 1000
     config.batch_size = 16
 
     config.data.builder = synthetic.SyntheticShapes

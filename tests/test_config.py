@@ -68,3 +68,17 @@ def test_missing_config_file():
 def test_split_argv():
     overrides, rest = config_lib.split_argv(['--workdir', 'w', '--config.a.b=1', '--config', 'x'])
     assert overrides == ['a.b=1'] and rest == ['--workdir', 'w', '--config', 'x']
+
+
+def test_experiment_with_its_own_loss_function():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    config = config_lib.load('experiments/custom_loss_example.py', ['loss.gamma=0.0'])
+    assert config.loss.gamma == 0.0
+    logits = jnp.array([[[[2.0, 0.0], [0.0, 0.0]]]])  # [1,1,2,2]
+    labels = jnp.array([[[0, 255]]])
+    loss = jax.jit(lambda x, y: config.loss.fn(x, y, gamma=0.0))(logits, labels)
+    # gamma 0 is cross-entropy: -log softmax([2, 0])[0] = log(1 + e^-2), ignored pixel left out.
+    np.testing.assert_allclose(float(loss), np.log1p(np.exp(-2.0)), rtol=1e-6)

@@ -23,7 +23,7 @@ NUM_CLASSES = len(synthetic.CLASS_NAMES)
 
 def _build(data_dir) -> synthetic.SyntheticShapes:
     builder = synthetic.SyntheticShapes(config=TINY, data_dir=str(data_dir))
-    pipeline.prepare(builder)
+    builder.download_and_prepare()
     return builder
 
 

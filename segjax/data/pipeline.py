@@ -23,11 +23,6 @@ from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 Batch = dict[str, np.ndarray]
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """Generates (or downloads and prepares) the dataset into the builder's data_dir."""
-    builder.download_and_prepare()
-
-
 def _read_encoded(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
     """The split's {'image', 'label'} as encoded bytes, in a fixed order."""
     skip = tfds.decode.SkipDecoding()
