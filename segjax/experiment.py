@@ -62,14 +62,18 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def dataset_builder(config: ml_collections.ConfigDict):
     """The TFDS builder, prepared: process 0 first, then the others (a no-op on a shared disk)."""
-    builder = config.data.builder(data_dir=config.data.data_dir,
-                                  config=config.data.builder_config)
+
+    def make():
+        return config.data.builder(data_dir=config.data.data_dir,
+                                   config=config.data.builder_config)
+
     if jax.process_index() == 0:
-        builder.download_and_prepare()
+        make().download_and_prepare()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('segjax: dataset prepared')
-        if jax.process_index() != 0:
-            builder.download_and_prepare()
+    # Built after preparation: a builder reads its split sizes when it is constructed.
+    builder = make()
+    builder.download_and_prepare()  # no-op where prepared; generates on a host-local disk
     return builder
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from segjax.config import ConfigError
@@ -77,3 +78,9 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
+
+
+def to_local(array: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (the inverse of `to_global`)."""
+    local = multihost_utils.global_array_to_host_local_array(array, mesh, PartitionSpec(DATA_AXIS))
+    return np.asarray(local)

@@ -53,7 +53,7 @@ def summary_images(state, batch: dict, predict_fn, config: ml_collections.Config
                    mesh) -> np.ndarray:
     """Input | ground truth | prediction, colour-coded, for the first few eval images."""
     n = config.num_summary_images
-    pred = np.asarray(jax.device_get(predict_fn(state, sharding.to_global(batch, mesh)['image'])))
+    pred = sharding.to_local(predict_fn(state, sharding.to_global(batch, mesh)['image']), mesh)
     palette = experiment.palette(config)
     rows = []
     for image, label, p in zip(batch['image'][:n], batch['label'][:n], pred[:n], strict=False):
