@@ -36,6 +36,24 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Ar
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
 
 
+def loss_terms(output) -> dict:
+    """A loss returns a scalar, or (a composite) a dict of named terms with the total at 'loss'.
+
+    The terms are logged as train/loss/<name>; only 'loss' is differentiated.
+    """
+    if isinstance(output, dict):
+        if 'loss' not in output:
+            raise ValueError(f"a loss returning a dict must hold the total at 'loss'; got "
+                             f'{sorted(output)}')
+        return {('loss' if k == 'loss' else f'loss/{k}'): v for k, v in output.items()}
+    return {'loss': output}
+
+
+def main_logits(outputs) -> jax.Array:
+    """The logits of a model's output: the array itself, or 'logits' of a dict with aux heads."""
+    return outputs['logits'] if isinstance(outputs, dict) else outputs
+
+
 def _variables(state: TrainState) -> dict:
     return {'params': state.params, 'batch_stats': state.batch_stats}
 
@@ -47,12 +65,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     rng = jax.random.fold_in(rng, state.step)
 
     def compute_loss(params):
-        logits, updates = model.apply(
+        outputs, updates = model.apply(
             {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
             mutable=['batch_stats'], rngs={'dropout': rng})
-        return loss_fn(logits, batch['label']), (logits, updates)
+        # Models with auxiliary heads hand the loss their whole output dict.
+        terms = loss_terms(loss_fn(outputs, batch['label']))
+        return terms['loss'], (terms, main_logits(outputs), updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+    (loss, (terms, logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
         state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
@@ -60,14 +80,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         batch_stats=updates.get('batch_stats', state.batch_stats), opt_state=opt_state)
     valid = batch['label'] != ignore_index
     correct = (jnp.argmax(logits, -1) == batch['label']) & valid
-    stats = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+    stats = {**terms, 'grad_norm': optax.tree.norm(grads),
              'pixel_accuracy': correct.sum() / jnp.maximum(valid.sum(), 1)}
     return new_state, stats
 
 
 def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
     """Class index per pixel, [B,H,W] int32."""
-    logits = model.apply(_variables(state), images, train=False)
+    logits = main_logits(model.apply(_variables(state), images, train=False))
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 

@@ -89,10 +89,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f' | {num_params:,} parameters | {jax.device_count()} devices, '
               f'{jax.process_count()} processes | global batch {config.batch_size}', flush=True)
 
+    state_shardings = experiment.state_shardings(mesh, state)
     train_step = jax.jit(
         functools.partial(step.train_step, model=model, tx=tx, loss_fn=loss_fn,
                           ignore_index=config.data.ignore_index),
-        out_shardings=(experiment.state_shardings(mesh, state), sharding.replicated(mesh)),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     eval_fn = make_eval_fn(config, model, mesh)
     predict_fn = jax.jit(functools.partial(step.predict_step, model=model))
