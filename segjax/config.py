@@ -34,6 +34,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.batch_size = 16  # global batch over all devices and hosts
     c.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params stay float32
+    c.grad_accum_steps = 1  # micro-batches per step; batch_size stays the global batch
+    c.ema_decay = 0.0  # > 0: keep, evaluate and checkpoint an EMA of the weights
+    c.remat = False  # recompute activations in the backward pass (models with a remat option)
+    c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite (skipped) steps
 
     c.data = ml_collections.ConfigDict()
     c.data.builder = None  # a tfds.core.DatasetBuilder class

@@ -33,8 +33,13 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 def make_model(config: ml_collections.ConfigDict):
     """The linen module named by config.model.fn with its options, at config.dtype."""
+    options = config_lib.options(config.model)
+    if config.remat:
+        config_lib.check_options(config.model.fn, {'remat': True},
+                                 'config.remat=True: config.model')
+        options['remat'] = True
     return config.model.fn(num_classes=config.data.num_classes, dtype=compute_dtype(config),
-                           **config_lib.options(config.model))
+                           **options)
 
 
 def make_loss(config: ml_collections.ConfigDict) -> Callable:
@@ -85,7 +90,8 @@ def state_shardings(mesh, abstract_state):
 def initial_state(config: ml_collections.ConfigDict, model, tx, mesh):
     """(init function, abstract state with shardings): init runs jitted, straight to devices."""
     height, width = config.data.crop_size
-    init = functools.partial(step.create_state, model, tx, image_shape=(1, height, width, 3))
+    init = functools.partial(step.create_state, model, tx, image_shape=(1, height, width, 3),
+                             ema=config.ema_decay > 0)
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = state_shardings(mesh, abstract)
     init = jax.jit(init, out_shardings=shardings)

@@ -62,14 +62,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size: int, name: str = 'batch_size') -> int:
-    """This process's share of the global batch; it must split evenly over all devices."""
+def local_batch_size(global_batch_size: int, name: str = 'batch_size',
+                     micro_batches: int = 1) -> int:
+    """This process's share of the global batch; each of its `micro_batches` (gradient
+    accumulation) must split evenly over all devices."""
     devices, processes = jax.device_count(), jax.process_count()
-    if global_batch_size % devices:
+    if global_batch_size % (devices * micro_batches):
+        unit = devices * micro_batches
         raise ConfigError(
             f'config.{name}={global_batch_size} must be a multiple of the device count '
-            f'({devices} devices over {processes} processes), e.g. '
-            f'{max(devices, global_batch_size // devices * devices)}')
+            f'({devices} devices over {processes} processes)'
+            + (f' times grad_accum_steps={micro_batches}' if micro_batches > 1 else '')
+            + f', e.g. {max(unit, global_batch_size // unit * unit)}')
     return global_batch_size // processes
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from segjax import checkpoint, experiment, metrics, sharding, step, visualize
 from segjax import config as config_lib
@@ -24,13 +25,21 @@ from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, wr
 from segjax.summary import SummaryWriter
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
 class StopRequest:
-    """Turns SIGTERM / the first Ctrl-C into a flag the loop checks at each step boundary."""
+    """Turns SIGTERM / the first Ctrl-C into a flag the loop checks at each step boundary.
+
+    With several processes, JAX's preemption service (started by jax.distributed.initialize)
+    owns SIGTERM and every process stops at the same step via `reached_preemption_sync_point`.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,
-                                                                        signal.SIGINT)}
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -38,6 +47,11 @@ class StopRequest:
         self.requested = True
         print(f'\n{signal.Signals(signum).name}: saving a checkpoint at the next step, '
               'then exiting (Ctrl-C again to abort)', flush=True)
+
+    def should_stop(self, step_number: int) -> bool:
+        if jax.process_count() > 1:
+            self.requested |= multihost_utils.reached_preemption_sync_point(step_number)
+        return self.requested
 
     def restore(self):
         for signum, handler in self._previous.items():
@@ -69,11 +83,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_time = time.time()
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh()
-    local_batch = sharding.local_batch_size(config.batch_size)
+    local_batch = sharding.local_batch_size(config.batch_size,
+                                           micro_batches=config.grad_accum_steps)
     model = experiment.make_model(config)
     tx, schedule = experiment.make_optimizer(config)
     loss_fn = experiment.make_loss(config)
     builder = experiment.dataset_builder(config)
+    names = experiment.class_names(config)
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     init, abstract_state = experiment.initial_state(config, model, tx, mesh)
@@ -92,7 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_shardings = experiment.state_shardings(mesh, state)
     train_step = jax.jit(
         functools.partial(step.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                          ignore_index=config.data.ignore_index),
+                          ignore_index=config.data.ignore_index,
+                          grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
@@ -103,35 +120,51 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),
         flip=config.data.flip, seed=config.seed, start_step=first_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        mean=config.data.mean, std=config.data.std,
-        ignore_index=config.data.ignore_index)
+        mean=config.data.mean, std=config.data.std, ignore_index=config.data.ignore_index)
     writer = SummaryWriter(workdir)
 
-    def run_eval(step_number: int) -> dict:
-        cm = confusion_over_split(state, eval_fn, builder, config, mesh)
-        summary = metrics.summarize(cm, experiment.class_names(config))
-        writer.scalars(step_number, {f'val/{k}': summary[k] for k in (
+    def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
+        cm = confusion_over_split(weights, eval_fn, builder, config, mesh)
+        summary = metrics.summarize(cm, names)
+        writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in (
             'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou')})
-        writer.scalars(step_number, {f'val/iou/{name}': iou for name, iou in zip(
-            experiment.class_names(config), summary['per_class_iou'], strict=True)})
-        first = next(eval_batches(builder, config))
-        writer.images(step_number, 'val/input_truth_prediction',
-                      summary_images(state, first, predict_fn, config, mesh))
+        writer.scalars(step_number, {f'{prefix}/iou/{name}': iou for name, iou in zip(
+            names, summary['per_class_iou'], strict=True)})
+        writer.images(step_number, f'{prefix}/input_truth_prediction', summary_images(
+            weights, next(eval_batches(builder, config)), predict_fn, config, mesh))
         if is_main:
-            print(f'eval @ {step_number}: mIoU {summary["miou"]:.4f} | pixel acc '
-                  f'{summary["pixel_accuracy"]:.4f} | mDice {summary["mdice"]:.4f}', flush=True)
+            print(f'eval{"" if prefix == "val" else " (EMA weights)"} @ {step_number}: '
+                  f'mIoU {summary["miou"]:.4f} | pixel acc {summary["pixel_accuracy"]:.4f} | '
+                  f'mDice {summary["mdice"]:.4f}', flush=True)
         return {'step': step_number, 'cm': cm, **summary}
 
+    def run_eval(step_number: int) -> dict:
+        result = evaluate_weights(state, step_number, 'val')
+        if config.ema_decay:
+            result['ema'] = evaluate_weights(step.ema_view(state), step_number, 'val_ema')
+        return result
+
     stop = StopRequest()
-    last_eval = None
+    last_eval, previous_stats = None, None
     window_start, window_steps = time.time(), 0
     try:
         for step_number in range(first_step + 1, config.num_steps + 1):
             batch = sharding.to_global(next(batches), mesh)
             state, stats = train_step(state, batch, train_rng)
             window_steps += 1
+            # The previous step's counter: reading it does not wait for the step just queued.
+            if previous_stats is not None and (
+                    int(previous_stats['nonfinite_run']) >= config.max_nonfinite_steps):
+                raise NonFiniteError(
+                    f'{config.max_nonfinite_steps} consecutive steps had a non-finite loss or '
+                    f'gradient (skipped, parameters unchanged), the last at step '
+                    f'{step_number - 1}; the newest checkpoint is step {mngr.latest_step()}. '
+                    'Lower config.optimizer.lr, check the data, or raise '
+                    'config.max_nonfinite_steps.')
+            previous_stats = stats
             is_last = step_number == config.num_steps
-            if step_number % config.log_every == 0 or is_last or stop.requested:
+            stopping = stop.should_stop(step_number)
+            if step_number % config.log_every == 0 or is_last or stopping:
                 stats = {k: float(v) for k, v in jax.device_get(stats).items()}
                 elapsed = time.time() - window_start
                 images_per_s = window_steps * config.batch_size / elapsed
@@ -139,16 +172,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.scalars(step_number, {f'train/{k}': v for k, v in stats.items()})
                 if is_main:
                     eta = (config.num_steps - step_number) * elapsed / window_steps
-                    print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f} | '
-                          f'acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
-                          f'{images_per_s:.1f} img/s | ETA {format_seconds(eta)}', flush=True)
+                    terms = ''.join(f' | {k[5:]} {v:.4f}' for k, v in stats.items()
+                                    if k.startswith('loss/'))
+                    skipped = (f' | skipped {int(stats["skipped_steps"])}'
+                               if stats['skipped_steps'] else '')
+                    print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f}'
+                          f'{terms} | acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
+                          f'{images_per_s:.1f} img/s | ETA {format_seconds(eta)}{skipped}',
+                          flush=True)
                 window_start, window_steps = time.time(), 0
             if is_last or (config.eval_every and step_number % config.eval_every == 0):
                 last_eval = run_eval(step_number)
                 window_start, window_steps = time.time(), 0  # eval time is not training speed
-            if is_last or stop.requested or step_number % config.checkpoint_every == 0:
+            if is_last or stopping or step_number % config.checkpoint_every == 0:
                 checkpoint.save(mngr, step_number, state)
-            if stop.requested:
+            if stopping:
                 break
     finally:
         stop.restore()
@@ -163,12 +201,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if last_eval is None:  # resumed an already finished run: evaluate what is there
         last_eval = run_eval(int(state.step))
     result = {key: value for key, value in last_eval.items() if key != 'cm'}
-    result.update(class_names=experiment.class_names(config),
-                  confusion_matrix=last_eval['cm'].tolist(),
+    if 'ema' in result:
+        result['ema'] = {k: v for k, v in result['ema'].items() if k != 'cm'}
+    result.update(class_names=names, confusion_matrix=last_eval['cm'].tolist(),
+                  skipped_steps=int(state.skipped_steps),
                   wall_seconds_this_run=time.time() - start_time)
     if is_main:
         write_json(os.path.join(workdir, 'metrics.json'), result)
-        print(metrics.format_table(last_eval, experiment.class_names(config)))
+        print(metrics.format_table(last_eval, names))
         print(f'done in {format_seconds(time.time() - start_time)}; metrics in '
               f'{workdir}/metrics.json, TensorBoard: tensorboard --logdir {workdir}', flush=True)
     return result
@@ -182,6 +222,8 @@ def main(argv: Sequence[str]) -> dict:
         return train(config, args.workdir)
     except config_lib.ConfigError as e:
         parser.exit(2, f'segjax.train: error: {e}\n')
+    except NonFiniteError as e:
+        parser.exit(1, f'segjax.train: error: {e}\n')
 
 
 def run() -> None:

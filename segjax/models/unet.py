@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.models.layers import ConvBNReLU, pad_to_multiple
+from segjax.models.layers import ConvBNReLU, RematConvBNReLU, pad_to_multiple
 
 
 class UNet(nn.Module):
@@ -23,6 +23,7 @@ class UNet(nn.Module):
     base_width: int = 64
     depth: int = 4
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute conv activations in the backward pass to save memory
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -42,8 +43,9 @@ class UNet(nn.Module):
         return logits[:, :height, :width].astype(jnp.float32)
 
     def _double_conv(self, x: jax.Array, features: int, train: bool) -> jax.Array:
-        x = ConvBNReLU(features, dtype=self.dtype)(x, train)
-        return ConvBNReLU(features, dtype=self.dtype)(x, train)
+        block = RematConvBNReLU if self.remat else ConvBNReLU
+        x = block(features, dtype=self.dtype)(x, train)
+        return block(features, dtype=self.dtype)(x, train)
 
 
 # The paper's width; the small variant is what trains in minutes on a CPU.
