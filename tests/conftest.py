@@ -2,9 +2,18 @@
 
 import os
 
+import pytest
+
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8').strip()
 # Tests are about correctness on the 8 forced CPU devices, even on a machine with a GPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+
+@pytest.fixture(scope='session')
+def e2e_data(tmp_path_factory):
+    """A TFDS data_dir shared by the command-line tests (the smoke data builds once)."""
+    return tmp_path_factory.mktemp('tfds')
