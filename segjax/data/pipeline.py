@@ -3,8 +3,16 @@
 Train (infinite, deterministic, resumable):
   host slice -> cache encoded -> shuffle (new order each epoch) -> repeat -> enumerate ->
   skip(start_step * batch) -> parallel decode + augment seeded by the element's counter -> batch.
+  Augmentation (segjax.data.transforms, each step optional): label map -> random scale (of a
+  base size) -> crop/pad (cat_max_ratio) -> flip -> rotation -> photometric -> normalise.
 Eval (finite, every host yields the same number of batches):
-  host slice -> decode -> pad to size -> + invalid filler examples -> batch.
+  host slice -> decode -> label map -> (resize keeping the aspect ratio) -> pad to size ->
+  + invalid filler examples -> batch.
+
+A data set whose stored labels are not the training classes (Cityscapes labelIds) is mapped by
+`label_map`, a 256-entry table (index = stored value, entry = class or ignore_index) applied in
+the graph right after decoding. With `num_classes`, a label value that is neither a class nor
+ignore_index after the map stops the pipeline with an error instead of being trained on.
 
 Batches are dicts of numpy arrays: 'image' float32 [b, h, w, 3] (normalised), 'label' int32
 [b, h, w] (255 = ignore) and, for eval, 'valid' bool [b].
@@ -40,6 +48,24 @@ def _decode(builder: tfds.core.DatasetBuilder, encoded: dict) -> transforms.Exam
     return {'image': image, 'label': label[..., 0]}
 
 
+def _labels_for_training(
+    example: transforms.Example,
+    table: tf.Tensor | None,
+    num_classes: int | None,
+    ignore_index: int,
+) -> transforms.Example:
+    if table is not None:
+        example = transforms.map_labels(example, table)
+    if num_classes is not None:
+        example = transforms.check_label_values(
+            example, num_classes=num_classes, ignore_index=ignore_index)
+    return example
+
+
+def _table(label_map: Sequence[int] | None) -> tf.Tensor | None:
+    return None if label_map is None else transforms.label_lookup_table(label_map)
+
+
 def _to_model_inputs(
     example: transforms.Example, mean: Sequence[float], std: Sequence[float]
 ) -> transforms.Example:
@@ -69,8 +95,23 @@ def train_batches(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = 255,
+    label_map: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    base_size: tuple[int, int] | None = None,
+    cat_max_ratio: float = 1.0,
+    rotation: float = 0.0,
+    photometric: bool = False,
 ) -> Iterator[Batch]:
-    """Infinite augmented batches of this host's slice; from batch `start_step` on when resuming."""
+    """Infinite augmented batches of this host's slice; from batch `start_step` on when resuming.
+
+    label_map: 256-entry table applied to the stored labels first (None: stored = classes).
+    num_classes: if given, labels outside 0..num_classes-1 that are not ignore_index are an error.
+    base_size: (long, short) edge bound the `scale_range` ratios apply to, aspect ratio kept
+      (mmsegmentation's `scale`); None: ratios of each image's own size.
+    cat_max_ratio: < 1 retries the crop (up to 10 windows) until no class covers this share.
+    rotation: > 0 rotates by an angle uniform in [-rotation, rotation] degrees.
+    photometric: mmsegmentation's photometric distortion (brightness, contrast, saturation, hue).
+    """
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count, drop_remainder=True
     )
@@ -81,22 +122,34 @@ def train_batches(
     # Skipping encoded bytes is cheap; the counter keeps each element's augmentation seed.
     ds = ds.enumerate().skip(start_step * local_batch_size)
     host_seed = tf.constant([seed, process_index], tf.int64)
+    table = _table(label_map)
 
     def augment(index: tf.Tensor, encoded: dict) -> transforms.Example:
         key = tf.random.experimental.stateless_fold_in(host_seed, index)
         scale_key, crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+        # Keys added later are folded in, so the three above (and today's batches) never change.
+        rotate_key = tf.random.experimental.stateless_fold_in(key, 3)
+        photometric_key = tf.random.experimental.stateless_fold_in(key, 4)
         example = _decode(builder, encoded)
-        if tuple(scale_range) != (1.0, 1.0):
+        example = _labels_for_training(example, table, num_classes, ignore_index)
+        if tuple(scale_range) != (1.0, 1.0) or base_size is not None:
             min_ratio, max_ratio = scale_range
             example = transforms.random_scale(
-                example, scale_key, min_ratio=min_ratio, max_ratio=max_ratio
+                example, scale_key, min_ratio=min_ratio, max_ratio=max_ratio, base_size=base_size
             )
         height, width = crop_size
         example = transforms.random_crop_or_pad(
-            example, crop_key, height=height, width=width, ignore_index=ignore_index
+            example, crop_key, height=height, width=width, ignore_index=ignore_index,
+            cat_max_ratio=cat_max_ratio,
         )
         if flip:
             example = transforms.random_flip(example, flip_key)
+        if rotation:
+            example = transforms.random_rotate(
+                example, rotate_key, max_degrees=rotation, ignore_index=ignore_index
+            )
+        if photometric:
+            example = transforms.photometric_distortion(example, photometric_key)
         return _to_model_inputs(example, mean, std)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -133,6 +186,16 @@ def _eval_image_size(
     return height, width
 
 
+def _check_fits(example: transforms.Example, height: int, width: int) -> transforms.Example:
+    """Fails with a clear message when an image is larger than the eval pad size."""
+    hw = tf.shape(example['label'])
+    assertion = tf.debugging.Assert(
+        (hw[0] <= height) & (hw[1] <= width),
+        [f'an eval image is larger than pad_size=({height}, {width}); its size is', hw])
+    with tf.control_dependencies([assertion]):
+        return {**example, 'label': tf.identity(example['label'])}
+
+
 def eval_batches(
     builder: tfds.core.DatasetBuilder,
     *,
@@ -144,19 +207,32 @@ def eval_batches(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = 255,
+    label_map: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    base_size: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
     """This host's slice of `split` once, in order, then invalid filler examples so that every
-    host yields exactly `num_eval_batches(...)` batches."""
+    host yields exactly `num_eval_batches(...)` batches.
+
+    Each image is evaluated whole (or, with base_size = (long, short), resized into it with the
+    aspect ratio kept, label nearest-neighbour) and padded to `pad_size` with ignore_index, so
+    padding never reaches the metrics. label_map and num_classes: as in `train_batches`.
+    """
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count, drop_remainder=False
     )
     num_real = builder.info.splits[host_split].num_examples
     num_batches = num_eval_batches(builder, split, local_batch_size, process_count)
     height, width = _eval_image_size(builder, pad_size)
+    table = _table(label_map)
 
     def preprocess(encoded: dict) -> transforms.Example:
         example = _decode(builder, encoded)
+        example = _labels_for_training(example, table, num_classes, ignore_index)
+        if base_size is not None:
+            example = transforms.resize_keep_ratio(example, base_size=base_size)
         if pad_size is not None:
+            example = _check_fits(example, height, width)
             example = transforms.pad_to_size(
                 example, height=height, width=width, ignore_index=ignore_index
             )
