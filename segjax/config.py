@@ -61,6 +61,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({'fn': None})
     c.schedule = ml_collections.ConfigDict({'fn': None})
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = 'whole'  # 'whole' image, or 'slide': overlapping windows
+    c.eval.window = None  # (h, w) of a sliding window
+    c.eval.stride = None  # (h, w) between window starts
+    c.eval.window_batch = 8  # windows run together; bounds memory in 'slide' mode
+    c.eval.scales = (1.0,)  # test-time scales; probabilities averaged at full resolution
+    c.eval.flip = False  # also average the horizontally flipped image
+
     c.log_every = 50
     c.eval_every = 500  # 0 = only at the end
     c.checkpoint_every = 500
@@ -151,6 +159,13 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                                   'missing')
             del opts['lr']  # the schedule's peak value, not an option of the optimizer
         check_options(fn, opts, f'{source}: config.{section}')
+    if config.eval.mode not in ('whole', 'slide'):
+        raise ConfigError(f"{source}: config.eval.mode={config.eval.mode!r}: expected 'whole' or "
+                          "'slide'")
+    if config.eval.mode == 'slide' and (config.eval.window is None or config.eval.stride is None):
+        raise ConfigError(
+            f"{source}: config.eval.mode='slide' needs config.eval.window and config.eval.stride,"
+            " e.g. --config.eval.window='(512, 1024)' --config.eval.stride='(341, 683)'")
     if config.data.builder is None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:

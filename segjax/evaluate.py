@@ -28,7 +28,8 @@ FLUSH_EVERY = 64
 def make_eval_fn(config: ml_collections.ConfigDict, model, mesh):
     """Jitted (state, global batch) -> replicated [C, C] confusion matrix."""
     fn = functools.partial(step.eval_step, model=model, num_classes=config.data.num_classes,
-                           ignore_index=config.data.ignore_index)
+                           ignore_index=config.data.ignore_index,
+                           inference_options=experiment.inference_options(config))
     return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 

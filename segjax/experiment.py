@@ -53,6 +53,17 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     return optim.make(config)
 
 
+def inference_options(config: ml_collections.ConfigDict) -> dict | None:
+    """Keyword options for inference.probabilities, or None for one plain whole-image pass."""
+    options = config.eval
+    if options.mode == 'whole' and tuple(options.scales) == (1.0,) and not options.flip:
+        return None
+    return {'mode': options.mode, 'scales': tuple(options.scales), 'flip': options.flip,
+            'window': None if options.window is None else tuple(options.window),
+            'stride': None if options.stride is None else tuple(options.stride),
+            'window_batch': options.window_batch}
+
+
 def palette(config: ml_collections.ConfigDict) -> np.ndarray:
     if config.data.palette is not None:
         return np.asarray(config.data.palette, np.uint8)

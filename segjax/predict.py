@@ -78,7 +78,9 @@ def main(argv: Sequence[str]) -> list[str]:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
     except (InputError, FileNotFoundError) as e:
         parser.exit(1, f'segjax.predict: error: {e}\n')
-    predict_fn = jax.jit(functools.partial(step.predict_step, model=model))
+    predict_fn = jax.jit(functools.partial(
+        step.predict_step, model=model,
+        inference_options=experiment.inference_options(config)))
     palette = experiment.palette(config)
     os.makedirs(args.output, exist_ok=True)
     written = []

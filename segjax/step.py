@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segjax import metrics
+from segjax import inference, metrics
 
 
 @flax.struct.dataclass
@@ -158,15 +158,25 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     return new_state, stats
 
 
-def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
-    """Class index per pixel, [B,H,W] int32."""
-    logits = main_logits(model.apply(_variables(state), images, train=False))
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module,
+                 inference_options: dict | None = None) -> jax.Array:
+    """Class index per pixel, [B,H,W] int32; `inference_options` (see inference.probabilities)
+    selects whole-image or sliding-window inference and multi-scale/flip test-time
+    augmentation; None runs the model once on the whole image."""
+
+    def apply_fn(x):
+        return main_logits(model.apply(_variables(state), x, train=False))
+
+    if inference_options is None:
+        scores = apply_fn(images)
+    else:
+        scores = inference.probabilities(apply_fn, images, **inference_options)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int,
-              ignore_index: int = 255) -> jax.Array:
+              ignore_index: int = 255, inference_options: dict | None = None) -> jax.Array:
     """The batch's [C, C] confusion matrix; padded examples (valid False) count nowhere."""
-    pred = predict_step(state, batch['image'], model=model)
+    pred = predict_step(state, batch['image'], model=model, inference_options=inference_options)
     label = jnp.where(batch['valid'][:, None, None], batch['label'], ignore_index)
     return metrics.confusion_matrix(pred, label, num_classes, ignore_index=ignore_index)

@@ -114,7 +114,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     eval_fn = make_eval_fn(config, model, mesh)
-    predict_fn = jax.jit(functools.partial(step.predict_step, model=model))
+    predict_fn = jax.jit(functools.partial(
+        step.predict_step, model=model, inference_options=experiment.inference_options(config)))
     batches = pipeline.train_batches(
         builder, split=config.data.train_split, local_batch_size=local_batch,
         crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),

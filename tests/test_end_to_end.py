@@ -150,3 +150,17 @@ def test_predict_unreadable_image_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert f'cannot read image {str(bad)!r}' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_evaluate_and_predict_with_sliding_window_and_tta(trained):
+    tta = ['--config.eval.mode=slide', '--config.eval.window=(16, 16)',
+           '--config.eval.stride=(12, 12)', '--config.eval.scales=(0.75, 1.0)',
+           '--config.eval.flip=True']
+    result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                     *tiny_overrides(trained['data_dir']), *tta)
+    assert 'mIoU' in result.stdout
+    metrics = json.loads((trained['workdir'] / 'eval' / 'metrics.json').read_text())
+    assert np.asarray(metrics['confusion_matrix']).sum() == 16 * 32 * 32
+    bad = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                  *tiny_overrides(trained['data_dir']), '--config.eval.mode=slide', check=False)
+    assert bad.returncode == 2 and 'needs config.eval.window' in bad.stderr

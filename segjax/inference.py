@@ -1,0 +1,126 @@
+"""Inference on images of any size: whole image, batched sliding window, multi-scale + flip.
+
+All functions are pure and jit-able; `apply_fn(images [N,h,w,3]) -> logits [N,h,w,C]` is the
+model with its variables bound. The same code serves in-training evaluation, segjax.evaluate and
+segjax.predict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ApplyFn = Callable[[jax.Array], jax.Array]
+
+
+def whole_logits(apply_fn: ApplyFn, images: jax.Array, *, size_multiple: int = 1) -> jax.Array:
+    """Logits of the whole image, zero-padded bottom/right to a multiple of `size_multiple`."""
+    height, width = images.shape[1:3]
+    pad_h, pad_w = -height % size_multiple, -width % size_multiple
+    padded = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return apply_fn(padded)[:, :height, :width]
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every `stride`, plus one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def sliding_window_logits(apply_fn: ApplyFn, images: jax.Array, *,
+                          window: Sequence[int], stride: Sequence[int],
+                          window_batch: int = 8) -> jax.Array:
+    """Logits from overlapping windows, summed and divided by each pixel's window count.
+
+    Windows are cut inside jit and run `window_batch` at a time (a lax.scan over fixed-size
+    batches), so memory grows with the window batch, not with the image. Images smaller than
+    the window are zero-padded to it and the logits cropped back.
+    """
+    batch, height, width, _ = images.shape
+    win_h, win_w = window
+    padded_h, padded_w = max(height, win_h), max(width, win_w)
+    images = jnp.pad(images, ((0, 0), (0, padded_h - height), (0, padded_w - width), (0, 0)))
+    ys = window_starts(padded_h, win_h, stride[0])
+    xs = window_starts(padded_w, win_w, stride[1])
+    # One row per window: (image index, y, x); padded with repeats that carry weight 0.
+    table = np.array([(b, y, x) for b in range(batch) for y in ys for x in xs], np.int32)
+    num_windows = len(table)
+    num_chunks = math.ceil(num_windows / window_batch)
+    weights = np.zeros(num_chunks * window_batch, np.float32)
+    weights[:num_windows] = 1.0
+    table = np.concatenate([table, np.repeat(table[:1], len(weights) - num_windows, 0)])
+    table = table.reshape(num_chunks, window_batch, 3)
+    weights = weights.reshape(num_chunks, window_batch)
+
+    def cut(index):
+        b, y, x = index
+        return jax.lax.dynamic_slice(images[b], (y, x, 0), (win_h, win_w, images.shape[-1]))
+
+    def run_chunk(canvas, chunk):
+        indices, chunk_weights = chunk
+        logits = apply_fn(jax.vmap(cut)(indices)).astype(jnp.float32)
+
+        def add(i, canvas):
+            b, y, x = indices[i]
+            start = (b, y, x, 0)
+            size = (1, win_h, win_w, canvas.shape[-1])
+            current = jax.lax.dynamic_slice(canvas, start, size)
+            return jax.lax.dynamic_update_slice(
+                canvas, current + chunk_weights[i] * logits[i][None], start)
+
+        return jax.lax.fori_loop(0, window_batch, add, canvas), None
+
+    num_classes = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(
+        (window_batch, win_h, win_w, images.shape[-1]), images.dtype)).shape[-1]
+    canvas = jnp.zeros((batch, padded_h, padded_w, num_classes), jnp.float32)
+    canvas, _ = jax.lax.scan(run_chunk, canvas, (jnp.asarray(table), jnp.asarray(weights)))
+    counts = np.zeros((padded_h, padded_w), np.float32)
+    for y in ys:
+        for x in xs:
+            counts[y:y + win_h, x:x + win_w] += 1
+    return (canvas / counts[None, :, :, None])[:, :height, :width]
+
+
+def resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of [B,h,w,C] (half-pixel centres, like align_corners=False)."""
+    if x.shape[1:3] == (height, width):
+        return x
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear')
+
+
+def probabilities(apply_fn: ApplyFn, images: jax.Array, *, mode: str = 'whole',
+                  scales: Sequence[float] = (1.0,), flip: bool = False,
+                  window: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+                  window_batch: int = 8, size_multiple: int = 1) -> jax.Array:
+    """Class probabilities [B,H,W,C] averaged over scales (and horizontal flips), at the
+    original resolution; `mode` 'whole' or 'slide' decides how each scaled image is run."""
+    if mode not in ('whole', 'slide'):
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == 'slide' and (window is None or stride is None):
+        raise ValueError("inference mode 'slide' needs a window and a stride (config.eval)")
+    height, width = images.shape[1:3]
+
+    def logits_of(x):
+        if mode == 'slide':
+            return sliding_window_logits(apply_fn, x, window=window, stride=stride,
+                                         window_batch=window_batch)
+        return whole_logits(apply_fn, x, size_multiple=size_multiple)
+
+    total, count = 0.0, 0
+    for scale in scales:
+        scaled = resize(images, round(height * scale), round(width * scale))
+        views = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
+        for view, flipped in views:
+            logits = logits_of(view)
+            logits = logits[:, :, ::-1] if flipped else logits
+            total = total + jax.nn.softmax(resize(logits, height, width).astype(jnp.float32))
+            count += 1
+    return total / count
