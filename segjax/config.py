@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+# Compiled programs are kept here so that re-running an experiment skips compilation.
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'segjax', 'xla')
+
 # Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
 CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule')
 
@@ -233,6 +236,8 @@ def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument('--coordinator', default=None, help='host:port of process 0')
     parser.add_argument('--num_processes', type=int, default=None)
     parser.add_argument('--process_id', type=int, default=None)
+    parser.add_argument('--compilation_cache', default=DEFAULT_COMPILATION_CACHE,
+                        help="persistent XLA compilation cache ('' turns it off)")
     return parser
 
 
@@ -242,7 +247,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
     args = parser.parse_args(rest)
     from segjax import sharding  # imports jax, which the entry points need from here on
 
-    sharding.configure_runtime()
+    sharding.configure_runtime(args.compilation_cache)
     if args.multihost or args.coordinator:
         sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
     try:

@@ -24,12 +24,14 @@ DATA_AXIS = 'data'
 CPU_XLA_FLAGS = ('--xla_cpu_use_onednn=true', '--xla_cpu_experimental_ynn_fusion_type=')
 
 
-def configure_runtime() -> None:
-    """Sets fast XLA:CPU flags (unless the user set them) and the 'rbg' PRNG.
+def configure_runtime(compilation_cache: str | None = None) -> None:
+    """Sets fast XLA:CPU flags (unless the user set them), the 'rbg' PRNG and, when given, the
+    persistent compilation cache directory.
 
     Call before the first JAX computation. 'rbg' keys compile far faster than threefry at init
     (5 s vs 17-29 s for a U-Net on 2 cores); parameters are initialised replicated, so every
-    device and process still draws the same values.
+    device and process still draws the same values. The cache makes a re-run skip compilation
+    (U-Net init + forward: 29 s cold, 2.6 s warm on 2 cores).
     """
     flags = os.environ.get('XLA_FLAGS', '')
     for flag in CPU_XLA_FLAGS:
@@ -37,6 +39,9 @@ def configure_runtime() -> None:
             flags += ' ' + flag
     os.environ['XLA_FLAGS'] = flags.strip()
     jax.config.update('jax_default_prng_impl', 'rbg')
+    if compilation_cache:
+        jax.config.update('jax_compilation_cache_dir', compilation_cache)
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
