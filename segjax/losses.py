@@ -16,6 +16,7 @@ batch gives the value of the formula over the global batch, however it is split 
   binary:    binary_cross_entropy, binary_dice_loss, lovasz_hinge (one logit channel)
   composite: weighted_sum, with_aux (return {'loss': total, <name>: term, ...}; train_step logs
              each term as train/loss/<name>)
+  helper:    label_boundaries (the edge mask boundary_cross_entropy weights)
 """
 
 from __future__ import annotations
@@ -1013,8 +1014,8 @@ def weighted_sum(
       >>> labels = jnp.array([0, 1])
       >>> out = weighted_sum(logits, labels, terms={
       ...     'ce': cross_entropy, 'dice': {'fn': dice_loss, 'weight': 0.5, 'smooth': 0.0}})
-      >>> print({k: round(float(v), 4) for k, v in out.items()})
-      {'loss': 1.3572, 'ce': 1.0397, 'dice': 0.6349}
+      >>> print({k: round(float(v), 4) for k, v in sorted(out.items())})
+      {'ce': 1.0397, 'dice': 0.6349, 'loss': 1.3572}
 
     Args:
       logits: whatever the terms take (usually [..., C] logits).
@@ -1080,8 +1081,8 @@ def with_aux(
       >>> logits = jnp.array([[0.0, 0.0], [jnp.log(3.0), 0.0]])
       >>> labels = jnp.array([0, 0])
       >>> out = with_aux({'logits': logits, 'aux': jnp.zeros((2, 2))}, labels, aux_weight=0.4)
-      >>> print({k: round(float(v), 4) for k, v in out.items()})  # aux: log 2
-      {'loss': 0.7677, 'main': 0.4904, 'aux': 0.6931}
+      >>> print({k: round(float(v), 4) for k, v in sorted(out.items())})  # aux: log 2
+      {'aux': 0.6931, 'loss': 0.7677, 'main': 0.4904}
 
     Args:
       outputs: the model's output dict with ``'logits'`` and ``'aux'``.
