@@ -56,6 +56,18 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.scale_range = (1.0, 1.0)
     c.data.flip = True
     c.data.eval_pad_size = None  # (H, W) every eval image is padded to, or None
+    # 256-entry table: stored label value -> class or ignore_index, applied in the input graph
+    # before augmentation (Cityscapes: segjax.data.cityscapes.LABEL_ID_TO_TRAIN_ID); None: the
+    # stored labels are the classes.
+    c.data.label_map = None
+    # (long, short) edge bound the scale_range ratios apply to, aspect ratio kept
+    # (mmsegmentation's `scale`: (2048, 512) VOC, (2048, 1024) Cityscapes); None: ratios of
+    # each image's own size.
+    c.data.base_size = None
+    c.data.cat_max_ratio = 1.0  # < 1: retry the crop (10x) until no class covers this share
+    c.data.rotation = 0.0  # > 0: random rotation uniform in [-rotation, rotation] degrees
+    c.data.photometric = False  # mmsegmentation's brightness/contrast/saturation/hue distortion
+    c.data.eval_base_size = None  # (long, short): eval images resized into it, aspect kept
     c.data.mean = (123.675, 116.28, 103.53)
     c.data.std = (58.395, 57.12, 57.375)
 

@@ -40,7 +40,10 @@ def eval_batches(builder, config: ml_collections.ConfigDict):
         local_batch_size=sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size'),
         pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
         process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
-        ignore_index=config.data.ignore_index)
+        ignore_index=config.data.ignore_index, label_map=config.data.label_map,
+        num_classes=config.data.num_classes,
+        base_size=(None if config.data.eval_base_size is None
+                   else tuple(config.data.eval_base_size)))
 
 
 def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict,

@@ -121,7 +121,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),
         flip=config.data.flip, seed=config.seed, start_step=first_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        mean=config.data.mean, std=config.data.std, ignore_index=config.data.ignore_index)
+        mean=config.data.mean, std=config.data.std, ignore_index=config.data.ignore_index,
+        label_map=config.data.label_map, num_classes=config.data.num_classes,
+        base_size=None if config.data.base_size is None else tuple(config.data.base_size),
+        cat_max_ratio=config.data.cat_max_ratio, rotation=config.data.rotation,
+        photometric=config.data.photometric)
     writer = SummaryWriter(workdir)
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:

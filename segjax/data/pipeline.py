@@ -11,8 +11,10 @@ Eval (finite, every host yields the same number of batches):
 
 A data set whose stored labels are not the training classes (Cityscapes labelIds) is mapped by
 `label_map`, a 256-entry table (index = stored value, entry = class or ignore_index) applied in
-the graph right after decoding. With `num_classes`, a label value that is neither a class nor
-ignore_index after the map stops the pipeline with an error instead of being trained on.
+the graph before augmentation (in the fused scale-and-crop of the recipe, on the crop window
+only: the same result, cheaper). With `num_classes`, a label value that is neither a class nor
+ignore_index after the map stops the pipeline with an error instead of being trained on (in
+training it is checked on what reaches the model, the crop).
 
 Batches are dicts of numpy arrays: 'image' float32 [b, h, w, 3] (normalised), 'label' int32
 [b, h, w] (255 = ignore) and, for eval, 'valid' bool [b].
@@ -131,17 +133,28 @@ def train_batches(
         rotate_key = tf.random.experimental.stateless_fold_in(key, 3)
         photometric_key = tf.random.experimental.stateless_fold_in(key, 4)
         example = _decode(builder, encoded)
-        example = _labels_for_training(example, table, num_classes, ignore_index)
-        if tuple(scale_range) != (1.0, 1.0) or base_size is not None:
-            min_ratio, max_ratio = scale_range
-            example = transforms.random_scale(
-                example, scale_key, min_ratio=min_ratio, max_ratio=max_ratio, base_size=base_size
-            )
         height, width = crop_size
-        example = transforms.random_crop_or_pad(
-            example, crop_key, height=height, width=width, ignore_index=ignore_index,
-            cat_max_ratio=cat_max_ratio,
-        )
+        min_ratio, max_ratio = scale_range
+        if base_size is not None:  # the recipe: map, scale and crop computing the window only
+            example = transforms.random_scale_crop(
+                example, scale_key, crop_key, min_ratio=min_ratio, max_ratio=max_ratio,
+                base_size=base_size, height=height, width=width, ignore_index=ignore_index,
+                cat_max_ratio=cat_max_ratio, label_map=table,
+            )
+        else:  # kept step by step, so that existing experiments reproduce bit for bit
+            if table is not None:
+                example = transforms.map_labels(example, table)
+            if tuple(scale_range) != (1.0, 1.0):
+                example = transforms.random_scale(
+                    example, scale_key, min_ratio=min_ratio, max_ratio=max_ratio
+                )
+            example = transforms.random_crop_or_pad(
+                example, crop_key, height=height, width=width, ignore_index=ignore_index,
+                cat_max_ratio=cat_max_ratio,
+            )
+        if num_classes is not None:  # what reaches the model; a window is cheaper to check
+            example = transforms.check_label_values(
+                example, num_classes=num_classes, ignore_index=ignore_index)
         if flip:
             example = transforms.random_flip(example, flip_key)
         if rotation:

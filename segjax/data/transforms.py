@@ -8,7 +8,8 @@ the image and `ignore_index` in the label, so no transform ever invents a class.
 The training recipe (mmsegmentation's, in the order the pipeline applies it): `map_labels`
 (dataset label ids -> training ids) -> `random_scale` (ratio of a base size) ->
 `random_crop_or_pad` (with `cat_max_ratio`) -> `random_flip` -> `random_rotate` ->
-`photometric_distortion` -> `normalize`.
+`photometric_distortion` -> `normalize`; the first three fused as `random_scale_crop`, which
+computes only the crop window.
 """
 
 import math
@@ -40,8 +41,8 @@ def _resize(example: Example, size: tf.Tensor) -> Example:
 
 
 def _fit_factor(hw: tf.Tensor, base_size: Sequence[int]) -> tf.Tensor:
-    """The largest factor keeping the aspect ratio with long edge <= base_size[0] and short edge
-    <= base_size[1] (mmcv's `rescale_size` with keep_ratio=True)."""
+    """The largest factor keeping the aspect ratio with the long edge <= max(base_size) and the
+    short edge <= min(base_size) (mmcv's `rescale_size` with keep_ratio=True)."""
     long_edge, short_edge = float(max(base_size)), float(min(base_size))
     return tf.minimum(long_edge / tf.reduce_max(hw), short_edge / tf.reduce_min(hw))
 
@@ -134,6 +135,43 @@ def max_class_share(label: tf.Tensor, ignore_index: int = 255) -> tf.Tensor:
     return tf.where(total > 0, share, 1.0)
 
 
+def _choose_offset(
+    seed: tf.Tensor,
+    margin: tf.Tensor,
+    label_window,
+    *,
+    cat_max_ratio: float,
+    ignore_index: int,
+    max_tries: int,
+) -> tf.Tensor:
+    """A window offset (y, x), each uniform in [0, margin]; with cat_max_ratio < 1, the first of
+    up to `max_tries` draws whose label window (from `label_window(offset)`) has no class
+    covering cat_max_ratio or more of its non-ignored pixels, else the draw where the largest
+    class covers the least."""
+
+    def draw(i: tf.Tensor) -> tf.Tensor:
+        key_h, key_w = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, i), 2))
+        offset_h = tf.random.stateless_uniform([], key_h, 0, margin[0] + 1, dtype=tf.int32)
+        offset_w = tf.random.stateless_uniform([], key_w, 0, margin[1] + 1, dtype=tf.int32)
+        return tf.stack([offset_h, offset_w])
+
+    if cat_max_ratio >= 1.0:
+        return draw(tf.constant(0))
+
+    def body(i, _, best_offset, best_share):
+        offset = draw(i)
+        share = max_class_share(label_window(offset), ignore_index)
+        best_offset = tf.where(share < best_share, offset, best_offset)
+        return i + 1, share < cat_max_ratio, best_offset, tf.minimum(share, best_share)
+
+    _, _, offset, _ = tf.while_loop(
+        lambda i, done, *_: (i < max_tries) & tf.logical_not(done),
+        body,
+        (tf.constant(0), tf.constant(False), tf.zeros([2], tf.int32), tf.constant(math.inf)))
+    return offset
+
+
 def random_crop_or_pad(
     example: Example,
     seed: tf.Tensor,
@@ -151,45 +189,97 @@ def random_crop_or_pad(
     or more of the non-ignored pixels is taken; if none qualifies, the window where the largest
     class covers the least is (mmsegmentation would take an unchecked random one).
     """
-    padded = pad_to_size(example, height=height, width=width, ignore_index=ignore_index)
-    stacked = _stack(padded)
     if cat_max_ratio >= 1.0:
-        stacked = tf.image.stateless_random_crop(stacked, [height, width, 4], seed)
+        padded = pad_to_size(example, height=height, width=width, ignore_index=ignore_index)
+        stacked = tf.image.stateless_random_crop(_stack(padded), [height, width, 4], seed)
         return _unstack(stacked, example)
+    # Crop the part inside the image, then pad: the same as pad-then-crop, without copying.
+    hw = tf.shape(example['label'])
+    size = tf.minimum(hw, [height, width])
+    offset = _choose_offset(
+        seed, tf.maximum(hw - [height, width], 0),
+        lambda offset: tf.slice(example['label'], offset, size),
+        cat_max_ratio=cat_max_ratio, ignore_index=ignore_index, max_tries=max_tries)
+    window = {**example, 'image': tf.slice(example['image'], tf.concat([offset, [0]], 0),
+                                           tf.concat([size, [3]], 0)),
+              'label': tf.slice(example['label'], offset, size)}
+    return pad_to_size(window, height=height, width=width, ignore_index=ignore_index)
 
-    hw = tf.shape(stacked)[:2]
-    margin_h, margin_w = hw[0] - height, hw[1] - width
 
-    def window_offset(i: tf.Tensor) -> tf.Tensor:
-        key_h, key_w = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(seed, i), 2))
-        offset_h = tf.random.stateless_uniform([], key_h, 0, margin_h + 1, dtype=tf.int32)
-        offset_w = tf.random.stateless_uniform([], key_w, 0, margin_w + 1, dtype=tf.int32)
-        return tf.stack([offset_h, offset_w])
+def random_scale_crop(
+    example: Example,
+    scale_seed: tf.Tensor,
+    crop_seed: tf.Tensor,
+    *,
+    min_ratio: float,
+    max_ratio: float,
+    base_size: Sequence[int] | None,
+    height: int,
+    width: int,
+    ignore_index: int = 255,
+    cat_max_ratio: float = 1.0,
+    max_tries: int = 10,
+    label_map: tf.Tensor | Sequence[int] | None = None,
+) -> Example:
+    """`map_labels`, `random_scale` then `random_crop_or_pad`, computing only the crop window.
 
-    def share_at(offset: tf.Tensor) -> tf.Tensor:
-        window = tf.slice(stacked[..., 3], offset, [height, width])
-        return max_class_share(window, ignore_index)
+    The same resampling (half-pixel centres: bilinear image, nearest label, labels exactly as
+    tf.image.resize's nearest), but a 2048x1024 image scaled by 2 is never materialised: label
+    windows are gathered from source rows and columns (and mapped there), the image window is
+    bilinearly sampled from its source region with crop_and_resize.
+    """
+    table = None
+    if label_map is not None:
+        table = label_map if isinstance(label_map, tf.Tensor) else label_lookup_table(label_map)
+    ratio = tf.random.stateless_uniform([], scale_seed, minval=min_ratio, maxval=max_ratio)
+    in_hw = tf.shape(example['label'])
+    in_hwf = tf.cast(in_hw, tf.float32)
+    if base_size is not None:
+        ratio = ratio * _fit_factor(in_hwf, base_size)
+    out_hw = tf.maximum(tf.cast(tf.round(in_hwf * ratio), tf.int32), 1)
+    scale = in_hwf / tf.cast(out_hw, tf.float32)  # source pixels per output pixel, per axis
+    size = tf.minimum(out_hw, [height, width])  # the window's part inside the scaled image
 
-    def body(i, _, best_offset, best_share):
-        offset = window_offset(i)
-        share = share_at(offset)
-        better = share < best_share
-        best_offset = tf.where(better, offset, best_offset)
-        return i + 1, share < cat_max_ratio, best_offset, tf.minimum(share, best_share)
+    def source_index(start: tf.Tensor, axis: int) -> tf.Tensor:
+        position = (tf.cast(start + tf.range(size[axis]), tf.float32) + 0.5) * scale[axis]
+        return tf.minimum(tf.cast(tf.floor(position), tf.int32), in_hw[axis] - 1)
 
-    _, _, offset, _ = tf.while_loop(
-        lambda i, done, *_: (i < max_tries) & tf.logical_not(done),
-        body,
-        (tf.constant(0), tf.constant(False), tf.zeros([2], tf.int32), tf.constant(math.inf)))
-    window = tf.slice(stacked, tf.concat([offset, [0]], 0), [height, width, 4])
-    return _unstack(window, example)
+    def label_window(offset: tf.Tensor) -> tf.Tensor:
+        rows = tf.gather(example['label'], source_index(offset[0], 0), axis=0)
+        window = tf.gather(rows, source_index(offset[1], 1), axis=1)
+        return window if table is None else tf.gather(table, tf.cast(window, tf.int32))
+
+    offset = _choose_offset(
+        crop_seed, tf.maximum(out_hw - [height, width], 0), label_window,
+        cat_max_ratio=cat_max_ratio, ignore_index=ignore_index, max_tries=max_tries)
+    # Source coordinates of the window's first and last pixel centres; tf.image.resize clamps
+    # them to the image, which sampling a region padded by one replicated pixel reproduces.
+    first = (tf.cast(offset, tf.float32) + 0.5) * scale - 0.5
+    last = (tf.cast(offset + size, tf.float32) - 0.5) * scale - 0.5
+    start = tf.clip_by_value(tf.cast(tf.floor(first), tf.int32), 0, in_hw - 1)
+    stop = tf.clip_by_value(tf.cast(tf.math.ceil(last), tf.int32), 0, in_hw - 1) + 1
+    region = tf.slice(example['image'], tf.concat([start, [0]], 0),
+                      tf.concat([stop - start, [3]], 0))
+    region = tf.concat([region[:1], region, region[-1:]], 0)
+    region = tf.concat([region[:, :1], region, region[:, -1:]], 1)
+    extent = tf.cast(tf.shape(region)[:2], tf.float32) - 1.0
+    origin = tf.cast(start, tf.float32) - 1.0  # source coordinate of the region's pixel 0
+    box = tf.concat([(first - origin) / extent, (last - origin) / extent], 0)[None]
+    image = tf.image.crop_and_resize(region[None], box, [0], size, method='bilinear')[0]
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    window = {**example, 'image': image, 'label': label_window(offset)}
+    return pad_to_size(window, height=height, width=width, ignore_index=ignore_index)
 
 
 def random_flip(example: Example, seed: tf.Tensor) -> Example:
-    """Flips image and label left-right together with probability 1/2."""
-    stacked = tf.image.stateless_random_flip_left_right(_stack(example), seed)
-    return _unstack(stacked, example)
+    """Flips image and label left-right together with probability 1/2 (the same coin as
+    tf.image.stateless_random_flip_left_right, without stacking them into one tensor)."""
+    flip = tf.random.stateless_uniform([], seed, minval=0, maxval=1.0) < 0.5
+    image, label = tf.cond(
+        flip,
+        lambda: (tf.reverse(example['image'], [1]), tf.reverse(example['label'], [1])),
+        lambda: (example['image'], example['label']))
+    return {**example, 'image': image, 'label': label}
 
 
 def rotate(example: Example, degrees: tf.Tensor | float, *, ignore_index: int = 255) -> Example:

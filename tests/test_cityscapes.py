@@ -1,0 +1,221 @@
+"""Cityscapes: the label table, and the builder + pipeline on tiny fake zips in the official
+layout (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip; real labelIds, 64x32 images)."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from segjax.data import cityscapes, pipeline
+
+# The official table (cityscapesscripts/helpers/labels.py), written out independently:
+# labelId -> trainId for the 19 evaluated classes; every other labelId trains as 255.
+OFFICIAL_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                      24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+OFFICIAL_NAMES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
+                  'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car',
+                  'truck', 'bus', 'train', 'motorcycle', 'bicycle')
+
+SPLITS = {  # official split directory -> {city: frame ids}
+    'train': {'aachen': ('000000_000019', '000001_000019'), 'bochum': ('000000_001097',)},
+    'val': {'frankfurt': ('000000_000294', '000000_000576')},
+    'test': {'berlin': ('000000_000019',)},
+}
+HEIGHT, WIDTH = 32, 64
+UNKNOWN_IMAGE = 'bochum_000000_001097'  # its label also holds values that are no labelId
+
+
+def label_ids(image_id: str) -> np.ndarray:
+    """A labelIds image holding every id 0..33 (and, for UNKNOWN_IMAGE, 40 and 250)."""
+    rng = np.random.default_rng(sum(map(ord, image_id)))
+    label = rng.permutation(np.resize(np.arange(34), HEIGHT * WIDTH)).reshape(HEIGHT, WIDTH)
+    label[8:16, 8:40] = rng.integers(0, 34)  # a larger region, as real labels have
+    if image_id == UNKNOWN_IMAGE:
+        label[0, :3] = 40
+        label[1, :2] = 250
+    return label.astype(np.uint8)
+
+
+def image(image_id: str) -> np.ndarray:
+    rng = np.random.default_rng(sum(map(ord, image_id)) + 1)
+    return rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def all_ids() -> list[tuple[str, str, str]]:
+    return [(split, city, f'{city}_{frame}') for split, cities in SPLITS.items()
+            for city, frames in cities.items() for frame in frames]
+
+
+def write_zips(directory, image_replace=None, label_replace=None) -> None:
+    """The two official zips: README/license.txt at the top, then
+    leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and
+    gtFine/<split>/<city>/..._gtFine_{color,instanceIds,labelIds}.png + _polygons.json."""
+    images = {'README': b'leftImg8bit', 'license.txt': b'license'}
+    labels = {'README': b'gtFine', 'license.txt': b'license'}
+    palette = np.zeros((256, 3), np.uint8)
+    for label in cityscapes.LABELS:
+        palette[label.id % 256] = label.color
+    for split, city, image_id in all_ids():
+        images[f'leftImg8bit/{split}/{city}/{image_id}_leftImg8bit.png'] = png(image(image_id))
+        ids = label_ids(image_id) if split != 'test' else np.zeros((HEIGHT, WIDTH), np.uint8)
+        stem = f'gtFine/{split}/{city}/{image_id}_gtFine'
+        labels[f'{stem}_labelIds.png'] = png(ids)
+        labels[f'{stem}_instanceIds.png'] = png(ids.astype(np.uint16) * 1000)
+        labels[f'{stem}_color.png'] = png(palette[ids])
+        labels[f'{stem}_polygons.json'] = json.dumps(
+            {'imgHeight': HEIGHT, 'imgWidth': WIDTH, 'objects': []}).encode()
+    images.update(image_replace or {})
+    labels.update(label_replace or {})
+    for name, members in (('leftImg8bit_trainvaltest.zip', images),
+                          ('gtFine_trainvaltest.zip', labels)):
+        with zipfile.ZipFile(directory / name, 'w') as archive:
+            for member in sorted(members):
+                archive.writestr(member, members[member])
+
+
+def prepare(tmp_path, **replace):
+    manual = tmp_path / 'manual'
+    manual.mkdir()
+    write_zips(manual, **replace)
+    data_dir = str(tmp_path / 'tfds')
+    cityscapes.Cityscapes(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    return cityscapes.Cityscapes(data_dir=data_dir)
+
+
+@pytest.fixture(scope='module')
+def builder(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp('cityscapes'))
+
+
+def stored(builder, split: str) -> dict[str, dict]:
+    return {ex['image/filename'].decode().replace('_leftImg8bit.png', ''): ex
+            for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The label table.
+
+
+def test_label_id_to_train_id_for_every_value():
+    table = cityscapes.LABEL_ID_TO_TRAIN_ID
+    assert len(table) == 256
+    for label_id in range(256):
+        assert table[label_id] == OFFICIAL_TRAIN_IDS.get(label_id, 255), label_id
+    assert cityscapes.CLASS_NAMES == OFFICIAL_NAMES and cityscapes.NUM_CLASSES == 19
+    assert cityscapes.LABEL_IDS == tuple(range(34))
+    assert cityscapes.PALETTE.shape == (19, 3)
+    assert tuple(cityscapes.PALETTE[0]) == (128, 64, 128)  # road
+    assert tuple(cityscapes.PALETTE[18]) == (119, 11, 32)  # bicycle
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder.
+
+
+def test_splits_images_and_raw_label_ids(builder):
+    sizes = {split: sum(len(f) for f in cities.values()) for split, cities in SPLITS.items()}
+    splits = builder.info.splits
+    assert splits['train'].num_examples == sizes['train'] == 3
+    assert splits['validation'].num_examples == sizes['val'] == 2
+    assert splits['test'].num_examples == sizes['test'] == 1
+    for split, name in (('train', 'train'), ('val', 'validation')):
+        found = stored(builder, name)
+        expected_ids = {i for s, _, i in all_ids() if s == split}
+        assert set(found) == expected_ids
+        for image_id, ex in found.items():
+            np.testing.assert_array_equal(ex['image'], image(image_id))
+            expected = label_ids(image_id)
+            expected[expected > 33] = 255  # not a labelId: stored as ignore
+            np.testing.assert_array_equal(ex['label'][..., 0], expected)
+
+
+def test_unknown_label_values_are_counted(builder):
+    report = builder.info.metadata['unknown_label_values']
+    assert report['train']['pixels'] == 5 and report['train']['values'] == [40, 250]
+    assert report['train']['first_files'] == [
+        f'gtFine_trainvaltest.zip:gtFine/train/bochum/{UNKNOWN_IMAGE}_gtFine_labelIds.png']
+    assert report['validation']['pixels'] == 0 and report['test']['pixels'] == 0
+
+
+def test_missing_zips_error_names_files_directory_and_url(tmp_path):
+    manual = tmp_path / 'manual'
+    manual.mkdir()
+    (manual / 'leftImg8bit_trainvaltest.zip').write_bytes(b'')
+    builder = cityscapes.Cityscapes(data_dir=str(tmp_path / 'tfds'))
+    with pytest.raises(FileNotFoundError) as error:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    message = str(error.value)
+    for needed in ('leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip', str(manual),
+                   'https://www.cityscapes-dataset.com/downloads/', 'missing: gtFine_trainvaltest'):
+        assert needed in message
+
+
+def test_corrupt_image_names_the_zip_member(tmp_path):
+    member = 'leftImg8bit/val/frankfurt/frankfurt_000000_000576_leftImg8bit.png'
+    with pytest.raises(cityscapes.CorruptFileError,
+                       match=f'leftImg8bit_trainvaltest.zip:{member}'):
+        prepare(tmp_path, image_replace={member: png(image('x'))[:200]})
+
+
+def test_size_mismatch_names_the_example(tmp_path):
+    member = 'gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png'
+    with pytest.raises(ValueError, match='train example aachen_000001_000019: image .* is 32x64 '
+                                         'but label .* is 32x60'):
+        prepare(tmp_path, label_replace={member: png(label_ids('aachen_000001_000019')[:, :60])})
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline: labelIds -> trainIds in the graph.
+
+
+def test_eval_pipeline_maps_every_label_id_to_its_train_id(builder):
+    batches = list(pipeline.eval_batches(
+        builder, split='train', local_batch_size=4, pad_size=(HEIGHT, WIDTH),
+        label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19))
+    order = list(tfds.as_numpy(builder.as_dataset(split='train', shuffle_files=False)))
+    assert len(batches) == 1 and batches[0]['valid'].tolist() == [True] * 3 + [False]
+    seen = set()
+    for label, ex in zip(batches[0]['label'], order, strict=False):
+        ids = ex['label'][..., 0]
+        expected = np.array([OFFICIAL_TRAIN_IDS.get(int(i), 255) for i in ids.ravel()])
+        np.testing.assert_array_equal(label, expected.reshape(ids.shape))
+        seen |= set(ids.ravel().tolist())
+    assert set(range(34)) <= seen
+
+
+def test_unmapped_label_ids_are_an_error_not_classes(builder):
+    with pytest.raises(tf.errors.InvalidArgumentError, match='label_map'):
+        list(pipeline.eval_batches(builder, split='validation', local_batch_size=2,
+                                   pad_size=(HEIGHT, WIDTH), num_classes=19))
+
+
+def _recipe(builder, seed: int = 1):
+    return pipeline.train_batches(
+        builder, split='train', local_batch_size=3, crop_size=(16, 32), scale_range=(0.5, 2.0),
+        base_size=(64, 32), cat_max_ratio=0.75, flip=True, photometric=True, seed=seed,
+        label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19)
+
+
+def test_train_recipe_batches_are_valid_and_deterministic(builder):
+    batches, again = _recipe(builder), _recipe(builder)
+    for _ in range(2):
+        batch = next(batches)
+        assert batch['image'].shape == (3, 16, 32, 3) and batch['label'].shape == (3, 16, 32)
+        assert set(np.unique(batch['label'])) <= set(range(19)) | {255}
+        repeated = next(again)
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], repeated[key])
+    assert not np.array_equal(next(_recipe(builder, seed=2))['image'], batch['image'])
