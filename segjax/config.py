@@ -122,8 +122,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
             raise ConfigError(_unknown_key('.'.join(parents[: i + 1]), key, node))
         node = node[key]
-    # Options of a callable section may be new: validate() checks them against its signature.
-    adds_option = len(parents) == 1 and parents[0] in CALLABLE_SECTIONS
+    # Options of a callable (a node with `fn`) may be new: validate() checks them against it.
+    adds_option = 'fn' in node and callable(node['fn'])
     if leaf not in node and not adds_option:
         raise ConfigError(_unknown_key(path, leaf, node))
     old = node.get(leaf)
@@ -174,6 +174,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                                   'missing')
             del opts['lr']  # the schedule's peak value, not an option of the optimizer
         check_options(fn, opts, f'{source}: config.{section}')
+        _check_nested_callables(config[section], f'{source}: config.{section}')
     if config.eval.mode not in ('whole', 'slide'):
         raise ConfigError(f"{source}: config.eval.mode={config.eval.mode!r}: expected 'whole' or "
                           "'slide'")
@@ -185,6 +186,17 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:
         raise ConfigError(f'{source}: config.data.num_classes must be >= 2')
+
+
+def _check_nested_callables(node, where: str) -> None:
+    """Options of callables nested in a section (e.g. the terms of losses.weighted_sum), given
+    as {'fn': f, 'weight': w, **options}, are checked against f's signature too."""
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            if callable(value.get('fn')):
+                nested = {k: v for k, v in options(value).items() if k != 'weight'}
+                check_options(value['fn'], nested, f'{where}.{key}')
+            _check_nested_callables(value, f'{where}.{key}')
 
 
 def _check_known(config, reference, prefix: str, source: str) -> None:

@@ -82,3 +82,12 @@ def test_experiment_with_its_own_loss_function():
     loss = jax.jit(lambda x, y: config.loss.fn(x, y, gamma=0.0))(logits, labels)
     # gamma 0 is cross-entropy: -log softmax([2, 0])[0] = log(1 + e^-2), ignored pixel left out.
     np.testing.assert_allclose(float(loss), np.log1p(np.exp(-2.0)), rtol=1e-6)
+
+
+def test_nested_loss_terms_are_checked_and_can_take_new_options():
+    path = 'experiments/composite_loss_example.py'
+    config = config_lib.load(path, ['loss.terms.dice.exponent=2'])
+    assert config.loss.terms.dice.exponent == 2
+    with pytest.raises(config_lib.ConfigError, match="loss.terms.dice.smoth: dice_loss takes no "
+                       "option 'smoth' \\(did you mean 'smooth'\\?\\)"):
+        config_lib.load(path, ['loss.terms.dice.smoth=0.5'])
