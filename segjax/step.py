@@ -106,8 +106,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     """One optimizer step on a (global) batch; BatchNorm statistics are over the global batch.
 
     With grad_accum_steps=k the batch is split into k micro-batches whose gradients (and loss
-    terms) are averaged: the same update as one step on the whole batch when every micro-batch
-    has as many valid pixels (BatchNorm then sees micro-batches, updated k times). A step whose
+    terms) are averaged: for per-pixel losses the same update as one step on the whole batch
+    when every micro-batch has as many valid pixels; region losses (Dice, Lovasz) and OHEM are
+    then computed per micro-batch, and BatchNorm sees micro-batches, updated k times. A step whose
     loss or gradients are not finite changes nothing but the step and the skip counters.
     """
     rng = jax.random.fold_in(rng, state.step)
