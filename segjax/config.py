@@ -40,7 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per step; batch_size stays the global batch
     c.ema_decay = 0.0  # > 0: keep, evaluate and checkpoint an EMA of the weights
     c.remat = False  # recompute activations in the backward pass (models with a remat option)
-    c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite (skipped) steps
+    c.max_nonfinite_steps = 10
+    # .pth / .safetensors weights loaded into a fresh run's initial state (not when resuming).
+    c.pretrained = None  # stop after this many consecutive non-finite (skipped) steps
 
     c.data = ml_collections.ConfigDict()
     c.data.builder = None  # a tfds.core.DatasetBuilder class

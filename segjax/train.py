@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from segjax import checkpoint, experiment, metrics, sharding, step, visualize
+from segjax import checkpoint, experiment, metrics, pretrained, sharding, step, visualize
 from segjax import config as config_lib
 from segjax.data import pipeline
 from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
@@ -56,6 +56,20 @@ class StopRequest:
     def restore(self):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def load_pretrained(state: step.TrainState, path: str) -> step.TrainState:
+    """The initial state with published weights loaded into it, on the same shardings."""
+    if not os.path.isfile(path):
+        raise pretrained.PretrainedError(
+            f'config.pretrained={path!r} is not a file (a .pth or .safetensors state dict)')
+    loaded = pretrained.load_into(
+        {'params': state.params, 'batch_stats': state.batch_stats}, path)
+    params, batch_stats = jax.device_put(
+        (loaded['params'], loaded['batch_stats']),
+        jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats)))
+    ema = {'params': params, 'batch_stats': batch_stats} if state.ema else {}
+    return state.replace(params=params, batch_stats=batch_stats, ema=ema)
 
 
 def format_seconds(seconds: float) -> str:
@@ -98,6 +112,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoint.restore(mngr, abstract_state)
     if state is None:
         state = init(init_rng)
+        if config.pretrained:
+            state = load_pretrained(state, config.pretrained)
     first_step = int(state.step)
     if is_main:
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -227,7 +243,7 @@ def main(argv: Sequence[str]) -> dict:
         return train(config, args.workdir)
     except config_lib.ConfigError as e:
         parser.exit(2, f'segjax.train: error: {e}\n')
-    except NonFiniteError as e:
+    except (NonFiniteError, pretrained.PretrainedError) as e:
         parser.exit(1, f'segjax.train: error: {e}\n')
 
 

@@ -282,3 +282,31 @@ def test_reads_what_torch_save_writes(tmp_path):
         for name, value in state.items():
             np.testing.assert_array_equal(loaded[name], value.detach().float().numpy())
         assert loaded['n'].dtype == np.int64 and loaded['b'].shape == (2, 3)
+
+
+def test_config_pretrained_loads_the_backbone_of_a_training_run(tmp_path, e2e_data):
+    from test_end_to_end import ROOT, run_cli, tiny_overrides
+
+    from segjax import config as config_lib
+    from segjax import experiment, sharding
+
+    experiment_file = os.path.join(ROOT, 'experiments', 'fcn_resnet_synthetic.py')
+    model = fcn.FCNResNet(num_classes=8, depth=18, base_width=4, output_stride=8, aux_head=True)
+    weights = _random_variables(model)
+    _write_safetensors(tmp_path / 'r18.safetensors', _torchvision_state_dict(weights))
+    overrides = tiny_overrides(e2e_data, num_steps=1, **{
+        'model.base_width': 4, 'model.depth': 18, 'optimizer.lr': 0.0,
+        'pretrained': str(tmp_path / 'r18.safetensors')})
+    run_cli('segjax.train', '--config', experiment_file, '--workdir', tmp_path / 'run',
+            *overrides)
+    config = config_lib.load(experiment_file, [o[len('--config.'):] for o in overrides])
+    _, state = experiment.restore_state(config, str(tmp_path / 'run'), sharding.make_mesh())
+    # Learning rate 0: after one step the backbone still holds exactly the file's weights.
+    for got, want in zip(jax.tree.leaves(state.params['backbone']),
+                         jax.tree.leaves(weights['params']['backbone']), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    missing = run_cli('segjax.train', '--config', experiment_file, '--workdir', tmp_path / 'x',
+                      *overrides[:-1], f'--config.pretrained={tmp_path / "nope.pth"}',
+                      check=False)
+    assert missing.returncode != 0 and 'nope.pth' in missing.stderr
+    assert 'Traceback' not in missing.stderr
