@@ -1,4 +1,4 @@
-"""Models per the contract, and the sharded train step: 8 devices == 1 device."""
+"""Models per the contract, optimizers and schedules (1 vs 8 devices: test_scale_out.py)."""
 
 import functools
 
