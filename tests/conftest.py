@@ -11,6 +11,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# torchvision (a test-only oracle) segfaults on import once TensorFlow is loaded (in triton's
+# import), so it is imported first where it is installed.
+try:
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 
 
 @pytest.fixture(scope='session')
