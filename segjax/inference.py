@@ -7,7 +7,6 @@ segjax.predict.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,9 +39,9 @@ def sliding_window_logits(apply_fn: ApplyFn, images: jax.Array, *,
                           window_batch: int = 8) -> jax.Array:
     """Logits from overlapping windows, summed and divided by each pixel's window count.
 
-    Windows are cut inside jit and run `window_batch` at a time (a lax.scan over fixed-size
-    batches), so memory grows with the window batch, not with the image. Images smaller than
-    the window are zero-padded to it and the logits cropped back.
+    Windows are cut inside jit and run `window_batch` at a time (a lax.scan over full batches,
+    then one call for the rest), so memory grows with the window batch, not with the image.
+    Images smaller than the window are zero-padded to it and the logits cropped back.
     """
     batch, height, width, _ = images.shape
     win_h, win_w = window
@@ -50,22 +49,17 @@ def sliding_window_logits(apply_fn: ApplyFn, images: jax.Array, *,
     images = jnp.pad(images, ((0, 0), (0, padded_h - height), (0, padded_w - width), (0, 0)))
     ys = window_starts(padded_h, win_h, stride[0])
     xs = window_starts(padded_w, win_w, stride[1])
-    # One row per window: (image index, y, x); padded with repeats that carry weight 0.
+    # One row per window: (image index, y, x): full chunks of window_batch, then the rest.
     table = np.array([(b, y, x) for b in range(batch) for y in ys for x in xs], np.int32)
-    num_windows = len(table)
-    num_chunks = math.ceil(num_windows / window_batch)
-    weights = np.zeros(num_chunks * window_batch, np.float32)
-    weights[:num_windows] = 1.0
-    table = np.concatenate([table, np.repeat(table[:1], len(weights) - num_windows, 0)])
-    table = table.reshape(num_chunks, window_batch, 3)
-    weights = weights.reshape(num_chunks, window_batch)
+    num_full = len(table) // window_batch
+    full_chunks = table[:num_full * window_batch].reshape(num_full, window_batch, 3)
+    remainder = table[num_full * window_batch:]
 
     def cut(index):
         b, y, x = index
         return jax.lax.dynamic_slice(images[b], (y, x, 0), (win_h, win_w, images.shape[-1]))
 
-    def run_chunk(canvas, chunk):
-        indices, chunk_weights = chunk
+    def run_chunk(canvas, indices):
         logits = apply_fn(jax.vmap(cut)(indices)).astype(jnp.float32)
 
         def add(i, canvas):
@@ -73,15 +67,17 @@ def sliding_window_logits(apply_fn: ApplyFn, images: jax.Array, *,
             start = (b, y, x, 0)
             size = (1, win_h, win_w, canvas.shape[-1])
             current = jax.lax.dynamic_slice(canvas, start, size)
-            return jax.lax.dynamic_update_slice(
-                canvas, current + chunk_weights[i] * logits[i][None], start)
+            return jax.lax.dynamic_update_slice(canvas, current + logits[i][None], start)
 
-        return jax.lax.fori_loop(0, window_batch, add, canvas), None
+        return jax.lax.fori_loop(0, len(indices), add, canvas), None
 
     num_classes = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(
-        (window_batch, win_h, win_w, images.shape[-1]), images.dtype)).shape[-1]
+        (1, win_h, win_w, images.shape[-1]), images.dtype)).shape[-1]
     canvas = jnp.zeros((batch, padded_h, padded_w, num_classes), jnp.float32)
-    canvas, _ = jax.lax.scan(run_chunk, canvas, (jnp.asarray(table), jnp.asarray(weights)))
+    if num_full:
+        canvas, _ = jax.lax.scan(run_chunk, canvas, jnp.asarray(full_chunks))
+    if len(remainder):  # one smaller call rather than padding a chunk with wasted windows
+        canvas, _ = run_chunk(canvas, jnp.asarray(remainder))
     counts = np.zeros((padded_h, padded_w), np.float32)
     for y in ys:
         for x in xs:
