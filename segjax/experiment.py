@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from segjax import checkpoint, optim, sharding, step
@@ -46,11 +45,6 @@ def make_loss(config: ml_collections.ConfigDict) -> Callable:
     """loss(logits, labels) -> scalar, with the config's options bound."""
     return functools.partial(config.loss.fn, ignore_index=config.data.ignore_index,
                              **config_lib.options(config.loss))
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                               optax.Schedule]:
-    return optim.make(config)
 
 
 def inference_options(config: ml_collections.ConfigDict) -> dict | None:
@@ -116,7 +110,7 @@ def checkpoint_dir(workdir: str) -> str:
 def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_number=None):
     """The model and the checkpointed state at `step_number` (default latest); errors if none."""
     model = make_model(config)
-    tx, _ = make_optimizer(config)
+    tx, _ = optim.make(config)
     _, abstract = initial_state(config, model, tx, mesh)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):

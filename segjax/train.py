@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from segjax import checkpoint, experiment, metrics, pretrained, sharding, step, visualize
+from segjax import checkpoint, experiment, metrics, optim, pretrained, sharding, step, visualize
 from segjax import config as config_lib
 from segjax.data import pipeline
 from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
@@ -100,7 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_batch = sharding.local_batch_size(config.batch_size,
                                            micro_batches=config.grad_accum_steps)
     model = experiment.make_model(config)
-    tx, schedule = experiment.make_optimizer(config)
+    tx, schedule = optim.make(config)
     loss_fn = experiment.make_loss(config)
     builder = experiment.dataset_builder(config)
     names = experiment.class_names(config)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from segjax import config as config_lib
-from segjax import experiment, step
+from segjax import experiment, optim, step
 from segjax.models import deeplab, fcn, layers, pspnet, resnet, segnet
 
 
@@ -202,7 +202,7 @@ def test_tiny_families_train(name):
     config = config_lib.load(os.path.join(root, f'{name}.py'), TRAIN[name] + [
         'model.base_width=4', 'num_steps=8', 'schedule.warmup_steps=0', 'optimizer.lr=0.01'])
     model, loss_fn = experiment.make_model(config), experiment.make_loss(config)
-    tx, _ = experiment.make_optimizer(config)
+    tx, _ = optim.make(config)
     rng = jax.random.key(0, impl='rbg')  # compiles far faster than threefry at init
     init = jax.jit(functools.partial(step.create_state, model, tx, image_shape=(1, 32, 32, 3)))
     state = init.lower(rng).compile(FAST_COMPILE)(rng)
