@@ -24,6 +24,7 @@ from segjax.models.layers import (
     resize_bilinear,
     segmentation_output,
 )
+from segjax.models.ops import Conv, spatial_mean
 from segjax.models.resnet import ResNet
 
 
@@ -56,7 +57,7 @@ class ASPP(nn.Module):
                                 name=f'branch{index}')
             branches.append(branch(x, train))
         # Image-level features: global average, 1x1 ConvBN-ReLU, broadcast back.
-        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        pooled = spatial_mean(x)
         pooled = ConvBN(self.channels, 1, dtype=self.dtype, name='pooling')(pooled, train)
         branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], self.channels)))
         x = ConvBN(self.channels, 1, dtype=self.dtype, name='project')(
@@ -88,7 +89,7 @@ class DeepLabV3(nn.Module):
         x = ASPP(self.channels, atrous_rates(self.output_stride, self.rates), self.separable,
                  dtype=self.dtype, name='aspp')(features['layer4'], train)
         x = ConvBN(self.channels, 3, dtype=self.dtype, name='bottleneck')(x, train)
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+        logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
         return segmentation_output(logits, aux_logits(self, features, train), images.shape[1:3])
 
 
@@ -127,7 +128,7 @@ class DeepLabV3Plus(nn.Module):
             else:
                 x = ConvBN(self.channels, 3, dtype=self.dtype, name=f'decoder{index}')(x, train)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+        logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
         return segmentation_output(logits, aux_logits(self, features, train), images.shape[1:3])
 
 

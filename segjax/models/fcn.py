@@ -22,6 +22,7 @@ from segjax.models.layers import (
     resize_bilinear,
     segmentation_output,
 )
+from segjax.models.ops import Conv
 from segjax.models.resnet import ResNet
 
 
@@ -54,11 +55,11 @@ class FCN(nn.Module):
         # The fully convolutional 'fc6/fc7' head on the stride-32 features.
         x = ConvBNReLU(self.head_width, kernel_size=3, dtype=self.dtype)(x, train)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='score32')(x)
+        score = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='score32')(x)
         for stride in (16, 8):
             if self.skip > stride:
                 continue
-            skip = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+            skip = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                            name=f'score{stride}')(pools[stride])
             score = skip + resize_bilinear(score, *skip.shape[1:3])
         logits = resize_bilinear(score, x.shape[1] * 32, x.shape[2] * 32)
@@ -102,7 +103,7 @@ class FCNResNet(nn.Module):
                         dtype=self.dtype, name='head')(x, train)
         for stride, layer in ((16, 'layer3'), (8, 'layer2')):
             if self.skip <= stride:
-                skip = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                skip = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                                name=f'score{stride}')(features[layer])
                 score = skip + resize_bilinear(score, *skip.shape[1:3])
         return segmentation_output(score, aux_logits(self, features, train), images.shape[1:3])

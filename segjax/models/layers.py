@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models.ops import BatchNorm, Conv
+
 
 class ConvBNReLU(nn.Module):
     """3x3 (by default) convolution, BatchNorm, ReLU: the workhorse of every encoder here."""
@@ -20,12 +22,12 @@ class ConvBNReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
+        x = Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
                     kernel_dilation=self.dilation, padding='SAME', use_bias=False,
                     dtype=self.dtype)(x)
         # BN statistics are computed in float32 even for bfloat16 activations.
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype)(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=self.dtype)(x)
         return nn.relu(x)
 
 
@@ -58,10 +60,10 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int],
     return ((pad, pad), (pad, pad))
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
     """PyTorch's BatchNorm2d defaults (momentum 0.1 = flax 0.9, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     name=name)
 
 
 class ConvBN(nn.Module):
@@ -81,7 +83,7 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
+        x = Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
                     padding=torch_padding(self.kernel_size, self.dilation),
                     kernel_dilation=self.dilation, feature_group_count=self.groups,
                     use_bias=False, kernel_init=kaiming_normal, dtype=self.dtype, name='conv')(x)
@@ -116,11 +118,11 @@ class FCNHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.channels, (3, 3), padding=torch_padding(3), use_bias=False,
+        x = Conv(self.channels, (3, 3), padding=torch_padding(3), use_bias=False,
                     kernel_init=kaiming_normal, dtype=self.dtype, name='conv')(x)
         x = nn.relu(batch_norm(train, self.dtype, name='bn')(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+        return Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
 
 
 def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:

@@ -21,6 +21,7 @@ from segjax.models.layers import (
     resize_bilinear,
     segmentation_output,
 )
+from segjax.models.ops import Conv
 from segjax.models.resnet import ResNet
 
 
@@ -65,7 +66,7 @@ class PSPNet(nn.Module):
             features['layer4'], train)
         x = ConvBN(self.channels, 3, dtype=self.dtype, name='bottleneck')(x, train)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+        logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
         return segmentation_output(logits, aux_logits(self, features, train), images.shape[1:3])
 
 

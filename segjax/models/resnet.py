@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.layers import batch_norm, kaiming_normal, torch_padding
+from segjax.models.ops import Conv, max_pool_3x3_stride2
 
 # Blocks per stage; 10 (timm's resnet10t layout, for tiny test models), 18 and 34 use
 # BasicBlock, deeper ones Bottleneck.
@@ -25,8 +26,8 @@ STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4,
 
 
 def _conv(features: int, kernel_size: int, strides: int = 1, dilation: int = 1, *,
-          dtype: Any, name: str) -> nn.Conv:
-    return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
+          dtype: Any, name: str) -> nn.Module:
+    return Conv(features, (kernel_size, kernel_size), strides=strides,
                    padding=torch_padding(kernel_size, dilation), kernel_dilation=dilation,
                    use_bias=False, kernel_init=kaiming_normal, dtype=dtype, name=name)
 
@@ -143,7 +144,7 @@ class ResNet(nn.Module):
             x = _conv(self.base_width, 7, 2, dtype=self.dtype, name='conv1')(x)
             x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
         # Padding with -inf (flax's max_pool default), as torch's MaxPool2d(3, 2, padding=1).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_stride2(x)
 
         features, in_features = {}, self.base_width
         stages = stage_dilations(self.output_stride, STAGE_BLOCKS[self.depth], self.multi_grid)

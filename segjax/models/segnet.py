@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.layers import ConvBN, pad_to_multiple, torch_padding
+from segjax.models.ops import Conv
 
 STAGE_CONVS = (2, 2, 3, 3, 3)  # VGG16
 
@@ -72,7 +73,7 @@ class SegNet(nn.Module):
                 x = ConvBN(features, dtype=self.dtype,
                            name=f'decoder{stage + 1}_{index + 1}')(x, train)
         # The paper's final decoder layer is a 3x3 convolution straight to class scores.
-        logits = nn.Conv(self.num_classes, (3, 3), padding=torch_padding(3), dtype=self.dtype,
+        logits = Conv(self.num_classes, (3, 3), padding=torch_padding(3), dtype=self.dtype,
                          name='classifier')(x)
         return logits[:, :height, :width].astype(jnp.float32)
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.layers import ConvBNReLU, RematConvBNReLU, pad_to_multiple
+from segjax.models.ops import Conv, ConvTranspose2x2, max_pool_2x2
 
 
 class UNet(nn.Module):
@@ -32,14 +33,14 @@ class UNet(nn.Module):
         for level in range(self.depth):
             x = self._double_conv(x, self.base_width * 2**level, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
         x = self._double_conv(x, self.base_width * 2**self.depth, train)
         for level in reversed(range(self.depth)):
             width_here = self.base_width * 2**level
-            x = nn.ConvTranspose(width_here, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            x = ConvTranspose2x2(width_here, dtype=self.dtype)(x)
             x = jnp.concatenate([skips[level], x], axis=-1)
             x = self._double_conv(x, width_here, train)
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+        logits = Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
         return logits[:, :height, :width].astype(jnp.float32)
 
     def _double_conv(self, x: jax.Array, features: int, train: bool) -> jax.Array:
