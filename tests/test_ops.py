@@ -76,7 +76,7 @@ def test_batch_norm_matches_flax_in_train_mode(shape):
             lambda v, x, m=module: _bn_loss(m, v, x, cotangent), argnums=(0, 1), has_aux=True))
         (value, updates), (grad_vars, grad_x) = grad_fn(variables, x)
         results.append((value, updates, grad_vars['params'], grad_x))
-    for got, expected in zip(results[1], results[0]):
+    for got, expected in zip(results[1], results[0], strict=True):
         jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-4),
                      got, expected)
 

@@ -50,8 +50,9 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _channel_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """Per-channel sums of [..., C] float32 arrays, each as a ones-vector matmul: XLA:CPU runs
-    those at memory bandwidth, 5-10x faster than its reductions over the leading axes."""
+    """Per-channel sums of [..., C] float32 arrays, each as a ones-vector matmul: in a
+    DeepLabV3+ and a U-Net train step on XLA:CPU that beat jnp.sum over the leading axes (as
+    4-D or 2-D) and a two-output lax.reduce by 5-15% of the whole step."""
     ones = jnp.ones((arrays[0].size // arrays[0].shape[-1],), jnp.float32)
     return tuple(jnp.dot(ones, a.reshape(ones.shape[0], -1),
                          precision=lax.Precision.HIGHEST) for a in arrays)
@@ -156,23 +157,23 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     """ResNet's stem pooling, nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
-    as the maximum of nine strided slices: XLA:CPU's reduce-window gradient (select-and-scatter)
-    took 5% of a DeepLabV3+ step. Tied maxima share the gradient instead of the first taking it."""
-    batch, height, width, channels = x.shape
+    as a max over three strided row slices then three column slices: XLA:CPU's reduce-window
+    gradient (select-and-scatter) took 5% of a DeepLabV3+ step. Tied maxima share the gradient
+    instead of the first one taking it all."""
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-    windows = [lax.slice(padded, (0, i, j, 0),
-                         (batch, i + 2 * out_height - 1, j + 2 * out_width - 1, channels),
-                         (1, 2, 2, 1))
-               for i in range(3) for j in range(3)]
-    return functools.reduce(jnp.maximum, windows)
+    for axis in (1, 2):
+        out_size = (x.shape[axis] - 1) // 2 + 1
+        padded = functools.reduce(jnp.maximum, [
+            lax.slice_in_dim(padded, offset, offset + 2 * out_size - 1, stride=2, axis=axis)
+            for offset in range(3)])
+    return padded
 
 
 def spatial_mean(x: jax.Array) -> jax.Array:
-    """Mean over H and W of [B,H,W,C], kept as [B,1,1,C], as a matmul with a ones vector
+    """Mean over H and W of [B,H,W,C], kept as [B,1,1,C], as a batched ones-vector matmul
     (XLA:CPU reduces over the leading axes several times slower)."""
     batch, height, width, channels = x.shape
-    ones = jnp.full((height * width,), 1.0 / (height * width), x.dtype)
-    mean = jnp.einsum('bpc,p->bc', x.reshape(batch, height * width, channels), ones,
+    weights = jnp.full((batch, height * width), 1.0 / (height * width), x.dtype)
+    mean = jnp.einsum('bp,bpc->bc', weights, x.reshape(batch, height * width, channels),
                       precision=lax.Precision.HIGHEST)
     return mean.reshape(batch, 1, 1, channels)
