@@ -1,14 +1,16 @@
 """Convolution, BatchNorm, up-sampling and pooling written for speed; same results as flax's.
 
 Each replaces a flax/lax building block with one that has the same parameters, variables and
-outputs (tests compare them) but lowers to cheaper XLA. On XLA:CPU the gains measured on a U-Net
-and DeepLabV3+ train step (benchmarks/train_step.py) came from:
+outputs (tests/test_ops.py compares them) but lowers to cheaper XLA. The gains, measured by
+profiling U-Net and DeepLabV3+ train steps on XLA:CPU (README, "Speed on CPU, measured"):
 - 1x1 convolutions as matmuls: XLA differentiates a convolution into convolutions whose operands
   it first transposes; a matmul's gradients are matmuls on the same layout.
-- BatchNorm with a hand-written gradient that reads its input twice (one fused two-output
-  reduction per pass) where autodiff of the forward formula re-reads it four to five times.
+- BatchNorm with a hand-written gradient that reads its input twice where autodiff of the
+  forward formula re-reads it four to five times, its sums as ones-vector matmuls.
 - A 2x2 stride-2 transposed convolution as one matmul (XLA turns the convolution form's weight
-  gradient into a dilated convolution it runs slowly), 2x2 max pooling as a reshape and a max.
+  gradient into a dilated convolution it runs slowly); max pooling and spatial means without
+  reduce-window / select-and-scatter.
+None of this is CPU-specific code: the same ops run on GPU and TPU (not timed there).
 """
 
 from __future__ import annotations
