@@ -135,23 +135,27 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
 
     finite = jnp.isfinite(terms['loss']) & _all_finite(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema
-    if ema_decay:
-        # Bias-corrected early on (TF's num_updates rule) so the average does not lag at start.
-        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
-                           {'params': params, 'batch_stats': batch_stats})
 
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema_decay:
+            # Bias-corrected early on (TF's num_updates rule) so the average does not lag at start.
+            decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+            ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
+                               {'params': params, 'batch_stats': batch_stats})
+        return params, batch_stats, opt_state, ema
 
+    def skip(_):
+        return state.params, state.batch_stats, state.opt_state, state.ema
+
+    # A branch, not a per-element select: the skipped update costs nothing, and XLA need not
+    # copy the donated parameters and optimizer state to keep their old values.
+    params, batch_stats, opt_state, ema = jax.lax.cond(finite, update, skip, None)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        batch_stats=keep(batch_stats, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
-        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+        ema=ema, nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     stats = {**terms, 'grad_norm': optax.tree.norm(grads),
              'pixel_accuracy': counts[0] / jnp.maximum(counts[1], 1),
