@@ -14,6 +14,10 @@ segjax's XLA flags itself):
   input_pipeline.py  tf.data throughput of the VOC and Cityscapes recipes
   sliding_window.py  batched vs per-window-loop sliding-window inference (+ DeepLabV3+ in full)
 
+All of them with tcmalloc preloaded (LD_PRELOAD) when it is installed, and then train_step.py
+once more with the system malloc, so the allocator's share is measured too (--malloc system
+runs everything with the system malloc).
+
 and writes <out>/<date>.json (everything each printed, parsed, with its command, exit status
 and duration) and <out>/<date>.md (the tables as printed), headed by the date, the machine
 (CPU model, cores, RAM), the versions (Python, jax, jaxlib, flax, torch) and the XLA_FLAGS in
@@ -61,6 +65,19 @@ BENCHMARKS = (
      ['--height', '256', '--width', '256', '--repeats', '1']),
 )
 WRITES_JSON = ('train_step.py', 'peer_pytorch.py')  # these take --json PATH
+
+# tcmalloc keeps freed memory mapped, so XLA:CPU's large per-step buffers stop page-faulting
+# (about 400,000 faults per DeepLabV3+ step with glibc's malloc); Debian: libtcmalloc-minimal4.
+TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib64/libtcmalloc_minimal.so.4', '/usr/lib/libtcmalloc_minimal.so.4')
+SYSTEM_MALLOC_ENTRY = ('train_step_system_malloc',
+                       "Training step with the system's malloc (glibc), for comparison",
+                       'train_step.py', [], None)
+
+
+def find_tcmalloc() -> str | None:
+    return next((path for path in TCMALLOC_PATHS if os.path.exists(path)), None)
 
 
 def _field(path: str, key: str) -> str | None:
@@ -165,23 +182,36 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true',
                         help='tiny sizes and few repeats: a smoke check of the whole chain')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'), help='output folder')
+    parser.add_argument('--malloc', choices=('tcmalloc', 'system'), default='tcmalloc',
+                        help='allocator preloaded into every benchmark (tcmalloc when found; '
+                             'then train_step also runs once with the system malloc)')
     args = parser.parse_args()
+    tcmalloc = find_tcmalloc() if args.malloc == 'tcmalloc' else None
+    if args.malloc == 'tcmalloc' and tcmalloc is None:
+        print('tcmalloc not found (apt-get install libtcmalloc-minimal4): using the system '
+              'malloc', flush=True)
+    benchmarks = BENCHMARKS + ((SYSTEM_MALLOC_ENTRY,) if tcmalloc else ())
     os.makedirs(args.out, exist_ok=True)
     date = datetime.date.today().isoformat()
     stem = os.path.join(args.out, date + ('-quick' if args.quick else ''))
     header = {'date': date, 'mode': 'quick' if args.quick else 'full',
               'machine': machine(), 'versions': versions(), 'git': git_revision(),
-              'XLA_FLAGS_env': os.environ.get('XLA_FLAGS'),
+              'XLA_FLAGS_env': os.environ.get('XLA_FLAGS'), 'malloc': tcmalloc or 'system',
               'load_avg_1min_start': os.getloadavg()[0]}
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
+        if tcmalloc:
+            env['LD_PRELOAD'] = ' '.join(filter(None, [tcmalloc, env.get('LD_PRELOAD')]))
         if args.quick:  # peer_pytorch then reuses train_step's compiled segjax steps
             env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(tmp, 'jax_cache')
-        for name, _, script, full_args, quick_args in BENCHMARKS:
+        for name, _, script, full_args, quick_args in benchmarks:
             if args.quick and quick_args is None:
                 continue
+            run_env = env
+            if name == SYSTEM_MALLOC_ENTRY[0]:
+                run_env = {**env, 'LD_PRELOAD': env['LD_PRELOAD'].replace(tcmalloc, '').strip()}
             command = [sys.executable, os.path.join('benchmarks', script),
                        *(quick_args if args.quick else full_args)]
             if script == 'peer_pytorch.py' and importlib.util.find_spec('torch') is None:
@@ -193,7 +223,7 @@ def main() -> None:
             json_path = os.path.join(tmp, name + '.json')
             if script in WRITES_JSON:
                 command += ['--json', json_path]
-            results[name] = run(name, command, env)
+            results[name] = run(name, command, run_env)
             if os.path.exists(json_path):
                 with open(json_path) as f:
                     results[name]['data'] = json.load(f)
@@ -209,10 +239,11 @@ def main() -> None:
              f'- machine: {m["cpu"]}, {m["cores"]} cores ({m["usable_cores"]} usable), '
              f'{m["ram_gib"]} GiB RAM; {m["platform"]}',
              '- versions: ' + ', '.join(f'{k} {v[k]}' for k in v if v[k]),
-             f'- XLA_FLAGS in effect: `{header["XLA_FLAGS_in_effect"]}`',
+             f'- XLA_FLAGS in effect: `{header["XLA_FLAGS_in_effect"]}`; malloc: '
+             f'{header["malloc"]}',
              f'- git {header["git"]}; load average (1 min) {header["load_avg_1min_start"]:.2f} '
              f'at start, {header["load_avg_1min_end"]:.2f} at end', '']
-    for name, title, script, _, _ in BENCHMARKS:
+    for name, title, script, _, _ in benchmarks:
         if name not in results:
             continue
         lines += markdown_section(f'{title} (benchmarks/{script})', results[name])
