@@ -29,6 +29,10 @@ as it does in training; the torch step does only the update. Run on an otherwise
 PyTorch's OpenMP threads wait for each other at every op, so one core busy elsewhere can slow
 its steps many-fold (a tiny U-Net step went from 0.02 s to 1.9 s on a shared 2-core machine).
 
+Preload tcmalloc (run_all.py does; see the README): with glibc's malloc, segjax's large per-step
+buffers are faulted in anew each step, and after a PyTorch step that costs 1-3 s of kernel time
+per DeepLabV3+ step, so the ratio measures the allocator as much as the code.
+
 torch is imported first, before JAX: importing torchvision after TensorFlow segfaults here.
 """
 
