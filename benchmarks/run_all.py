@@ -1,6 +1,6 @@
 """Every benchmark in one command, collected into one JSON and one markdown file.
 
-    python benchmarks/run_all.py                    # full sizes: about 45 min on 2 cores
+    python benchmarks/run_all.py                    # full sizes: 16-25 min on 2 cores
     python benchmarks/run_all.py --quick            # tiny sizes: checks the whole chain runs
     python benchmarks/run_all.py --out /tmp/bench   # default --out: benchmarks/results
 
@@ -14,15 +14,16 @@ segjax's XLA flags itself):
   input_pipeline.py  tf.data throughput of the VOC and Cityscapes recipes
   sliding_window.py  batched vs per-window-loop sliding-window inference (+ DeepLabV3+ in full)
 
-All of them with tcmalloc preloaded (LD_PRELOAD) when it is installed, and then train_step.py
-once more with the system malloc, so the allocator's share is measured too (--malloc system
-runs everything with the system malloc).
-
 and writes <out>/<date>.json (everything each printed, parsed, with its command, exit status
 and duration) and <out>/<date>.md (the tables as printed), headed by the date, the machine
 (CPU model, cores, RAM), the versions (Python, jax, jaxlib, flax, torch) and the XLA_FLAGS in
 effect. --quick writes <date>-quick.*; its figures check that things run, they are not
 measurements. A benchmark that fails is recorded with its stderr tail; the others still run.
+
+All of them with tcmalloc preloaded (LD_PRELOAD) when it is installed, and then train_step.py
+once more with the system malloc, so the allocator's share is measured too (--malloc system
+runs everything with the system malloc).
+
 PyTorch's OpenMP threads slow down badly when another process holds a core: run on an
 otherwise idle machine.
 """
@@ -45,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 # (name, title, script, full-size arguments, --quick arguments). The full peer comparison is
-# split so that it fits in about 45 minutes on 2 cores: every setting for the two target models,
+# split so that it fits in 16-25 minutes on 2 cores: every setting for the two target models,
 # torch.compile (minutes of compiling per ResNet model) for the U-Net only, eager for the rest.
 QUICK_PEER = ['--batch', '2', '--size', '64', '--repeats', '2']
 BENCHMARKS = (
@@ -201,17 +202,16 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ)
-        if tcmalloc:
-            env['LD_PRELOAD'] = ' '.join(filter(None, [tcmalloc, env.get('LD_PRELOAD')]))
+        system_malloc_env = dict(os.environ)
         if args.quick:  # peer_pytorch then reuses train_step's compiled segjax steps
-            env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(tmp, 'jax_cache')
+            system_malloc_env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(tmp, 'jax_cache')
+        env = system_malloc_env
+        if tcmalloc:
+            env = {**system_malloc_env, 'LD_PRELOAD': ' '.join(
+                filter(None, [tcmalloc, system_malloc_env.get('LD_PRELOAD')]))}
         for name, _, script, full_args, quick_args in benchmarks:
             if args.quick and quick_args is None:
                 continue
-            run_env = env
-            if name == SYSTEM_MALLOC_ENTRY[0]:
-                run_env = {**env, 'LD_PRELOAD': env['LD_PRELOAD'].replace(tcmalloc, '').strip()}
             command = [sys.executable, os.path.join('benchmarks', script),
                        *(quick_args if args.quick else full_args)]
             if script == 'peer_pytorch.py' and importlib.util.find_spec('torch') is None:
@@ -223,7 +223,8 @@ def main() -> None:
             json_path = os.path.join(tmp, name + '.json')
             if script in WRITES_JSON:
                 command += ['--json', json_path]
-            results[name] = run(name, command, run_env)
+            results[name] = run(name, command,
+                                system_malloc_env if name == SYSTEM_MALLOC_ENTRY[0] else env)
             if os.path.exists(json_path):
                 with open(json_path) as f:
                     results[name]['data'] = json.load(f)
