@@ -40,9 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per step; batch_size stays the global batch
     c.ema_decay = 0.0  # > 0: keep, evaluate and checkpoint an EMA of the weights
     c.remat = False  # recompute activations in the backward pass (models with a remat option)
-    c.max_nonfinite_steps = 10
+    c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite (skipped) steps
     # .pth / .safetensors weights loaded into a fresh run's initial state (not when resuming).
-    c.pretrained = None  # stop after this many consecutive non-finite (skipped) steps
+    c.pretrained = None
 
     c.data = ml_collections.ConfigDict()
     c.data.builder = None  # a tfds.core.DatasetBuilder class
@@ -96,14 +96,17 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from the experiment file at `path`, applies and validates overrides."""
+    """Loads `get_config()` from the experiment file at `path`, applies and validates overrides.
+
+    While the file runs, its own directory, the one above it and the working directory lead the
+    import path: an experiment imports its sibling modules (`import base`), the modules of the
+    package directory it is in by package name (`from experiments.unet_synthetic import ...`
+    from any working directory), and, run from the repository root, `experiments.*` from
+    anywhere.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f'config file {path!r} does not exist')
-    module_name = '_segjax_experiment_' + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # so pickling/inspect can find callables defined there
-    spec.loader.exec_module(module)
+    module = _import_experiment(path)
     if not hasattr(module, 'get_config'):
         raise ConfigError(f'config file {path!r} defines no get_config()')
     config = module.get_config()
@@ -111,6 +114,33 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         apply_override(config, item)
     validate(config, source=path)
     return config
+
+
+def _import_experiment(path: str):
+    """Runs the experiment file as a module, with the import path of `load`'s docstring."""
+    directory = os.path.dirname(os.path.abspath(path))
+    module_name = '_segjax_experiment_' + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so pickling/inspect can find callables defined there
+    saved_path = list(sys.path)
+    sys.path[:0] = [directory, os.path.dirname(directory), os.getcwd()]
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        del sys.modules[module_name]
+        what = (f'no module named {e.name!r}' if isinstance(e, ModuleNotFoundError) and e.name
+                else str(e))
+        raise ConfigError(f'config file {path!r} cannot be imported: {what}; an experiment can '
+                          'import installed packages, the modules beside it and, by package '
+                          'name, the modules of the directory it is in') from None
+    except SyntaxError as e:
+        del sys.modules[module_name]
+        raise ConfigError(f'config file {path!r}: syntax error at {e.filename}:{e.lineno}: '
+                          f'{e.msg}') from None
+    finally:
+        sys.path[:] = saved_path
+    return module
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
