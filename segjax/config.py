@@ -25,6 +25,16 @@ DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'seg
 # Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
 CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule')
 
+# What segjax passes each section's callable itself: (leading positional arguments, keywords,
+# where the value comes from). A config that sets one of these is an error, not an option.
+SUPPLIED = {
+    'model': (0, ('num_classes', 'dtype'), 'config.data.num_classes and config.dtype'),
+    'loss': (2, ('ignore_index',), 'the model output, the batch labels and '
+             'config.data.ignore_index'),
+    'optimizer': (1, (), 'config.optimizer.lr through config.schedule'),
+    'schedule': (2, (), 'config.optimizer.lr and config.num_steps'),
+}
+
 
 class ConfigError(ValueError):
     """A config that names an unknown key or an unusable value."""
@@ -205,7 +215,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                 raise ConfigError(f'{source}: config.optimizer.lr (the peak learning rate) is '
                                   'missing')
             del opts['lr']  # the schedule's peak value, not an option of the optimizer
-        check_options(fn, opts, f'{source}: config.{section}')
+        check_options(fn, opts, f'{source}: config.{section}', section)
         _check_nested_callables(config[section], f'{source}: config.{section}')
     if config.eval.mode not in ('whole', 'slide'):
         raise ConfigError(f"{source}: config.eval.mode={config.eval.mode!r}: expected 'whole' or "
@@ -227,7 +237,7 @@ def _check_nested_callables(node, where: str) -> None:
         if isinstance(value, ml_collections.ConfigDict):
             if callable(value.get('fn')):
                 nested = {k: v for k, v in options(value).items() if k != 'weight'}
-                check_options(value['fn'], nested, f'{where}.{key}')
+                check_options(value['fn'], nested, f'{where}.{key}', 'loss')
             _check_nested_callables(value, f'{where}.{key}')
 
 
@@ -255,18 +265,36 @@ def _plain(value):
     return value
 
 
-def check_options(fn: Callable, opts: dict, where: str) -> None:
-    """Raises ConfigError if `fn` does not accept every option in `opts` as a keyword."""
+def supplied_parameters(fn: Callable, section: str) -> tuple[str, ...]:
+    """Names of `fn`'s parameters that segjax sets itself for a callable of `section`."""
+    count, keywords, _ = SUPPLIED[section]
+    params = [name for name, p in inspect.signature(fn).parameters.items()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+              and name not in ('self', 'parent', 'name')]
+    return tuple(params[:count]) + keywords
+
+
+def check_options(fn: Callable, opts: dict, where: str, section: str | None = None) -> None:
+    """Raises ConfigError if `fn` does not accept every option in `opts` as a keyword, or if an
+    option is one segjax passes itself to a callable of `section`."""
+    supplied = supplied_parameters(fn, section) if section else ()
+    name = getattr(fn, '__name__', fn)
+    for key in opts:
+        if key in supplied:
+            raise ConfigError(f'{where}.{key}: segjax sets {name}\'s {key!r} itself, from '
+                              f'{SUPPLIED[section][2]}; it is not a config option')
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [p for p in params if p not in ('self', 'parent', 'name')]
+    accepted = [p for p in params if p not in ('self', 'parent', 'name', *supplied)]
+    if section == 'optimizer':
+        accepted.insert(0, 'lr')  # a field of the section, the schedule's peak value
     for key in opts:
         if key not in params:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise ConfigError(f'{where}.{key}: {getattr(fn, "__name__", fn)} takes no option '
-                              f'{key!r}{hint}; it takes {accepted}')
+            raise ConfigError(f'{where}.{key}: {name} takes no option {key!r}{hint}; it takes '
+                              f'{accepted}')
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -7,6 +7,7 @@ dimensions (convolution and dense kernels) are decayed.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -33,21 +34,43 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 1e-4,
                        mask=decay_mask)
 
 
+def _warmup(peak_value: float, warmup_steps: int, count: jax.Array) -> jax.Array:
+    """Linear warm-up whose first update (count 0) already moves: peak * (count + 1) / warmup."""
+    return peak_value * (count + 1.0) / max(warmup_steps, 1)
+
+
+def _decay_progress(count: jax.Array, warmup_steps: int, total_steps: int) -> jax.Array:
+    """0 at the end of warm-up, 1 at total_steps."""
+    decay_steps = max(total_steps - warmup_steps, 1)
+    return jnp.clip(count - warmup_steps, 0, decay_steps) / decay_steps
+
+
 def warmup_cosine(peak_value: float, total_steps: int, *, warmup_steps: int = 0,
                   end_value: float = 0.0) -> optax.Schedule:
-    """Linear warm-up from 0 to `peak_value`, then cosine decay to `end_value` at total_steps."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak_value, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=end_value)
+    """Linear warm-up to `peak_value` (step k of warmup_steps at peak * k / warmup_steps), then
+    cosine decay to `end_value` at total_steps."""
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        progress = _decay_progress(count, warmup_steps, total_steps)
+        cosine = end_value + (peak_value - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(count < warmup_steps, _warmup(peak_value, warmup_steps, count), cosine)
+
+    return schedule
 
 
 def warmup_poly(peak_value: float, total_steps: int, *, warmup_steps: int = 0,
                 power: float = 0.9, end_value: float = 1e-4) -> optax.Schedule:
-    """Linear warm-up, then poly decay lr = (peak - end) * (1 - t/T)**power + end (DeepLab)."""
-    warmup = optax.linear_schedule(0.0, peak_value, max(warmup_steps, 1))
-    decay = optax.polynomial_schedule(peak_value, end_value, power,
-                                      max(total_steps - warmup_steps, 1))
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+    """Linear warm-up as warmup_cosine's, then poly decay
+    lr = (peak - end) * (1 - t/T)**power + end (DeepLab), t counted from the end of warm-up."""
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        progress = _decay_progress(count, warmup_steps, total_steps)
+        poly = (peak_value - end_value) * (1.0 - progress) ** power + end_value
+        return jnp.where(count < warmup_steps, _warmup(peak_value, warmup_steps, count), poly)
+
+    return schedule
 
 
 def constant(peak_value: float, total_steps: int) -> optax.Schedule:

@@ -4,7 +4,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from segjax import optim
@@ -54,12 +53,3 @@ def test_weight_decay_skips_biases_and_norm_scales():
     assert float(updates['conv']['kernel'][0, 0, 0, 0]) == -0.5
     assert float(updates['conv']['bias'][0]) == 0.0
     assert float(updates['bn']['scale'][0]) == 0.0
-
-
-def test_schedules():
-    cosine = optim.warmup_cosine(1.0, 100, warmup_steps=10)
-    assert float(cosine(0)) == 0.0 and abs(float(cosine(10)) - 1.0) < 1e-6
-    assert abs(float(cosine(100))) < 1e-6
-    poly = optim.warmup_poly(1.0, 100, warmup_steps=0, power=0.9, end_value=0.0)
-    # (1 - 50/100) ** 0.9 by hand: 0.5 ** 0.9 = 0.535886...
-    np.testing.assert_allclose(float(poly(50)), 0.5**0.9, rtol=1e-5)
