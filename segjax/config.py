@@ -318,6 +318,9 @@ def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument('--multihost', action='store_true',
                         help='call jax.distributed.initialize (auto-detects TPU/Slurm/MPI)')
     parser.add_argument('--coordinator', default=None, help='host:port of process 0')
+    parser.add_argument('--coordinator_bind_address', default=None,
+                        help='host:port process 0 listens on (default: the --coordinator '
+                        "address itself; '[::]:PORT' for every interface)")
     parser.add_argument('--num_processes', type=int, default=None)
     parser.add_argument('--process_id', type=int, default=None)
     parser.add_argument('--compilation_cache', default=DEFAULT_COMPILATION_CACHE,
@@ -333,7 +336,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
 
     sharding.configure_runtime(args.compilation_cache)
     if args.multihost or args.coordinator:
-        sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
+                                      args.coordinator_bind_address)
     try:
         config = load(args.config, overrides)
     except ConfigError as e:

@@ -45,12 +45,18 @@ def configure_runtime(compilation_cache: str | None = None) -> None:
 
 
 def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None) -> None:
-    """Starts JAX's distributed runtime; with no arguments it auto-detects TPU/Slurm/MPI."""
+                         process_id: int | None = None, bind_address: str | None = None) -> None:
+    """Starts JAX's distributed runtime; with no arguments it auto-detects TPU/Slurm/MPI.
+
+    Process 0's coordinator service listens on `bind_address` (host:port); by default on the
+    coordinator address's own host, not on every interface as JAX's default '[::]:port' does.
+    """
     # CPU processes talk over gloo (loopback or LAN); it only affects the CPU backend.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if bind_address is None and coordinator:
+        bind_address = coordinator
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, coordinator_bind_address=bind_address)
 
 
 def make_mesh() -> Mesh:

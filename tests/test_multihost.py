@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from test_end_to_end import EXPERIMENT, ROOT, run_cli, tiny_overrides
 
 
@@ -41,3 +42,25 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     # Every validation pixel counted exactly once across hosts, padding nowhere.
     assert one_process['confusion_matrix'] == two_process['confusion_matrix']
     assert sum(map(sum, two_process['confusion_matrix'])) == 16 * 32 * 32
+
+
+def test_coordinator_listens_on_the_coordinator_host_only(tmp_path):
+    if not os.path.exists('/proc/net/tcp'):
+        pytest.skip('needs Linux /proc/net to list listening sockets')
+    port = free_port()
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+           'JAX_PLATFORMS': 'cpu'}
+    script = os.path.join(ROOT, 'tests', 'multihost_listeners.py')
+    processes = [subprocess.Popen(
+        [sys.executable, script, f'127.0.0.1:{port}', str(i)], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    listening = [line.split()[1:] for line in outputs[0].splitlines()
+                 if line.startswith('LISTENING')][0]
+    coordinator = [a for a in listening if int(a.rsplit(':', 1)[1], 16) == port]
+    # 127.0.0.1 as /proc/net/tcp or tcp6 (an IPv4-mapped ::ffff:127.0.0.1) writes it; JAX's own
+    # default would be [::] (all zeros), every interface.
+    assert coordinator and all(a.split(':')[0] in ('0100007F', '0000000000000000FFFF00000100007F')
+                               for a in coordinator), listening
