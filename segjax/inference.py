@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.models.layers import resize_bilinear
+
 ApplyFn = Callable[[jax.Array], jax.Array]
 
 
@@ -85,19 +87,16 @@ def sliding_window_logits(apply_fn: ApplyFn, images: jax.Array, *,
     return (canvas / counts[None, :, :, None])[:, :height, :width]
 
 
-def resize(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Bilinear resize of [B,h,w,C] (half-pixel centres, like align_corners=False)."""
-    if x.shape[1:3] == (height, width):
-        return x
-    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear')
-
-
 def probabilities(apply_fn: ApplyFn, images: jax.Array, *, mode: str = 'whole',
                   scales: Sequence[float] = (1.0,), flip: bool = False,
                   window: Sequence[int] | None = None, stride: Sequence[int] | None = None,
                   window_batch: int = 8, size_multiple: int = 1) -> jax.Array:
     """Class probabilities [B,H,W,C] averaged over scales (and horizontal flips), at the
-    original resolution; `mode` 'whole' or 'slide' decides how each scaled image is run."""
+    original resolution; `mode` 'whole' or 'slide' decides how each scaled image is run.
+
+    As mmsegmentation's test-time augmentation: the image is resized to round(scale * size),
+    its logits resized back before the softmax, both with `resize_bilinear` (half-pixel
+    centres, no antialiasing, = torch's bilinear with align_corners=False)."""
     if mode not in ('whole', 'slide'):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
     if mode == 'slide' and (window is None or stride is None):
@@ -112,11 +111,12 @@ def probabilities(apply_fn: ApplyFn, images: jax.Array, *, mode: str = 'whole',
 
     total, count = 0.0, 0
     for scale in scales:
-        scaled = resize(images, round(height * scale), round(width * scale))
+        scaled = resize_bilinear(images, round(height * scale), round(width * scale))
         views = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
         for view, flipped in views:
             logits = logits_of(view)
             logits = logits[:, :, ::-1] if flipped else logits
-            total = total + jax.nn.softmax(resize(logits, height, width).astype(jnp.float32))
+            logits = resize_bilinear(logits, height, width).astype(jnp.float32)
+            total = total + jax.nn.softmax(logits)
             count += 1
     return total / count

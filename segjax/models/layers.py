@@ -44,9 +44,36 @@ def pad_to_multiple(images: jax.Array, multiple: int) -> tuple[jax.Array, tuple[
     return images, (height, width)
 
 
-def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Bilinear resize of [B,h,w,C] to [B,height,width,C] (half-pixel centres, like TF2/torch)."""
-    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear')
+def resize_bilinear(x: jax.Array, *size: int) -> jax.Array:
+    """Bilinear resize of [B,h,w,C] to [B,*size,C]: the one resize convention of segjax.
+
+    Half-pixel centres, no antialiasing, up and down alike: output pixel i samples the input at
+    (i + 0.5) * in / out - 0.5, clamped to [0, in - 1], from its two nearest pixels. That is
+    `torch.nn.functional.interpolate(mode='bilinear', align_corners=False)` (mmsegmentation's
+    resize) and `tf.image.resize(method='bilinear')` (the training pipeline's), to float32
+    rounding (tests/test_resize.py). The models, the losses and inference all resize with it.
+    Axes between the batch and channel axes are each interpolated linearly, however many there
+    are. Differentiable. Low-precision inputs are interpolated in float32 and rounded once, as
+    torch does; integer inputs give float32; a size equal to the input's returns it unchanged.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> row = jnp.array([0.0, 1.0, 2.0, 3.0]).reshape(1, 1, 4, 1)
+      >>> resize_bilinear(row, 1, 2).ravel().tolist()  # samples x = 0.5 and 2.5: no blur
+      [0.5, 2.5]
+      >>> resize_bilinear(row[:, :, :2], 1, 4).ravel().tolist()  # x = -0.25 (clamped), 0.25, ...
+      [0.0, 0.25, 0.75, 1.0]
+    """
+    if len(size) != x.ndim - 2:
+        raise ValueError(f'resize_bilinear: size {size} must give one length per axis between '
+                         f'the batch and channel axes of an array shaped {x.shape}')
+    shape = (x.shape[0], *size, x.shape[-1])
+    if x.shape == shape:
+        return x
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    # jax.image.resize blurs when shrinking unless antialias=False (its default is True).
+    resized = jax.image.resize(x.astype(compute_dtype), shape, 'linear', antialias=False)
+    return resized.astype(x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else compute_dtype)
 
 
 # PyTorch's default convolution init (kaiming normal, fan_out), as torchvision's models use it.
