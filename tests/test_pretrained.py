@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax import pretrained
+from segjax import pretrained, pth
 from segjax.models import deeplab, fcn, resnet
 
 
@@ -90,20 +90,20 @@ def test_refuses_a_pth_that_tries_to_run_code(tmp_path, layout):
             archive.writestr('evil/version', '3\n')
     else:  # the legacy layout starts with a pickle too
         path.write_bytes(payload)
-    with pytest.raises(pretrained.UnsafePickleError, match=r'refusing to load (posix|os)\.system'):
+    with pytest.raises(pth.UnsafePickleError, match=r'refusing to load (posix|os)\.system'):
         pretrained.read_state_dict(path)
     assert not marker.exists()
 
 
-def test_refuses_other_globals_and_out_of_bounds_tensors(tmp_path):
-    # GLOBAL 'builtins eval' by hand, protocol 2.
+@pytest.mark.parametrize('module', [b'builtins', b'__builtin__'])
+def test_refuses_other_globals_by_their_python3_names(tmp_path, module):
+    # GLOBAL '<module> eval' by hand, protocol 2; Python 2's `__builtin__` (what pickle.dumps
+    # writes for protocols <= 2) is named as Python 3 spells it, which is what a user searches.
     path = tmp_path / 'eval.pth'
-    path.write_bytes(b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.")
-    with pytest.raises(pretrained.UnsafePickleError, match='builtins.eval'):
+    path.write_bytes(b"\x80\x02c" + module + b"\neval\nX\x03\x00\x00\x001+1\x85R.")
+    with pytest.raises(pth.UnsafePickleError, match=r'refusing to load builtins\.eval:'):
         pretrained.read_state_dict(path)
-    # A tensor whose size/stride would read past its storage is refused, not read.
-    with pytest.raises(pretrained.PretrainedError, match='past its storage'):
-        pretrained._rebuild_tensor(np.zeros(4, np.float32), 1, (2, 2), (2, 1))
+    assert pickle.dumps(eval, protocol=2) == b'\x80\x02c__builtin__\neval\nq\x00.'
 
 
 # ------------------------------------------------------------------------ names and errors
@@ -169,6 +169,41 @@ def test_errors_list_every_problem_and_load_nothing():
     seg_state['aux_classifier.4.bias'] = np.zeros(3, np.float32)
     with pytest.raises(pretrained.PretrainedError, match='aux_head=True'):
         pretrained.load_into(target, seg_state)
+
+
+def test_a_backbone_of_another_depth_or_width_is_named_as_such():
+    """A ResNet-18 of width 8 into a ResNet-10 of width 4: one headline naming both and the
+    settings that fit, not 100 shape mismatches ending in a hint about classifiers."""
+    source = _torchvision_state_dict(_random_variables(_tiny_deeplab()))
+    target = _zeros_like_variables(deeplab.DeepLabV3(num_classes=3, depth=10, base_width=4,
+                                                     channels=8), (1, 32, 32, 3))
+    with pytest.raises(pretrained.PretrainedError) as error:
+        pretrained.load_into(target, source)
+    message = str(error.value)
+    assert ("the file holds a ResNet-18 (basic blocks 2-2-2-2, base_width 8) but the model's "
+            "backbone is a ResNet-10 (basic blocks 1-1-1-1, base_width 4): build the model with "
+            "depth=18, base_width=8, deep_stem=False") in message
+    assert 'skip=' not in message
+    assert '... and' in message and len(message.splitlines()) < 40
+    # A file that fits but lacks parameters names them as the file would.
+    del source['layer2.1.bn1.running_var'], source['layer3.0.downsample.0.weight']
+    target = _zeros_like_variables(_tiny_deeplab(), (1, 32, 32, 3))
+    with pytest.raises(pretrained.PretrainedError) as error:
+        pretrained.load_into(target, source)
+    assert ('batch_stats/backbone/layer2_1/bn1/var (file name: layer2.1.bn1.running_var)'
+            in str(error.value))
+    assert ('params/backbone/layer3_0/downsample_conv/kernel (file name: '
+            'layer3.0.downsample.0.weight)' in str(error.value))
+    assert 'the file holds' not in str(error.value)
+
+
+@pytest.mark.parametrize('torch_module', [
+    'backbone.layer2.1.downsample.1', 'backbone.conv1.4', 'classifier.0.convs.4.2',
+    'classifier.0.convs.3.0', 'classifier.0.project.1', 'aux_classifier.1'])
+def test_names_map_back_to_the_files_names(torch_module):
+    modules = {'backbone.conv1.0', 'classifier.0.convs.0.0', torch_module}
+    path = pretrained.torch_to_segjax_name(torch_module, modules)
+    assert path is not None and pretrained.segjax_to_torch_name(path, modules) == torch_module
 
 
 def test_a_model_without_a_resnet_backbone_is_an_error():
