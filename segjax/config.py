@@ -325,6 +325,9 @@ def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument('--process_id', type=int, default=None)
     parser.add_argument('--compilation_cache', default=DEFAULT_COMPILATION_CACHE,
                         help="persistent XLA compilation cache ('' turns it off)")
+    from segjax import logs
+
+    logs.add_verbose_flag(parser)
     return parser
 
 
@@ -332,7 +335,9 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
     """(args, config): parses flags, starts the distributed runtime if asked, loads the config."""
     overrides, rest = split_argv(argv)
     args = parser.parse_args(rest)
-    from segjax import sharding  # imports jax, which the entry points need from here on
+    from segjax import logs, sharding  # sharding imports jax, which the CLIs need from here on
+
+    logs.quiet(args.verbose)
 
     sharding.configure_runtime(args.compilation_cache)
     if args.multihost or args.coordinator:

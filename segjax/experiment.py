@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from segjax import checkpoint, optim, sharding, step
 from segjax import config as config_lib
+from segjax.data import prepare
 from segjax.visualize import default_palette
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -71,20 +72,21 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def dataset_builder(config: ml_collections.ConfigDict):
-    """The TFDS builder, prepared: process 0 first, then the others (a no-op on a shared disk)."""
+    """The TFDS builder, prepared: process 0 first, then the others (a no-op on a shared disk).
+
+    Preparation holds a lock in the data_dir (prepare.prepared), so runs started together on
+    one machine prepare once; a failure is a prepare.PrepareError with a one-line message.
+    """
 
     def make():
         return config.data.builder(data_dir=config.data.data_dir,
                                    config=config.data.builder_config)
 
     if jax.process_index() == 0:
-        make().download_and_prepare()
+        prepare.prepared(make)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('segjax: dataset prepared')
-    # Built after preparation: a builder reads its split sizes when it is constructed.
-    builder = make()
-    builder.download_and_prepare()  # no-op where prepared; generates on a host-local disk
-    return builder
+    return prepare.prepared(make)  # no-op where prepared; generates on a host-local disk
 
 
 def state_shardings(mesh, abstract_state):

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from segjax import checkpoint, experiment, metrics, optim, pretrained, sharding, step, visualize
 from segjax import config as config_lib
-from segjax.data import pipeline
+from segjax.data import pipeline, prepare
 from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
 from segjax.summary import SummaryWriter
 
@@ -243,7 +243,7 @@ def main(argv: Sequence[str]) -> dict:
         return train(config, args.workdir)
     except config_lib.ConfigError as e:
         parser.exit(2, f'segjax.train: error: {e}\n')
-    except (NonFiniteError, pretrained.PretrainedError) as e:
+    except (NonFiniteError, pretrained.PretrainedError, prepare.PrepareError) as e:
         parser.exit(1, f'segjax.train: error: {e}\n')
 
 

@@ -3,6 +3,9 @@ layout (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip; real labelIds, 64
 
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -12,6 +15,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from segjax.data import cityscapes, pipeline
+from segjax.data import prepare as prepare_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES_ZIP, LABELS_ZIP = 'leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'
 
 # The official table (cityscapesscripts/helpers/labels.py), written out independently:
 # labelId -> trainId for the 19 evaluated classes; every other labelId trains as 255.
@@ -219,3 +226,84 @@ def test_train_recipe_batches_are_valid_and_deterministic(builder):
         for key in batch:
             np.testing.assert_array_equal(batch[key], repeated[key])
     assert not np.array_equal(next(_recipe(builder, seed=2))['image'], batch['image'])
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged zips and the prepare command's output.
+
+
+def prepared(tmp_path):
+    return prepare_lib.prepared(
+        lambda: cityscapes.Cityscapes(data_dir=str(tmp_path / 'tfds')),
+        tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
+
+
+def damaged_zip(tmp_path, name: str, damage) -> str:
+    """The fake zips in tmp_path/manual with `name` passed through `damage`; its path."""
+    manual = tmp_path / 'manual'
+    manual.mkdir()
+    write_zips(manual)
+    (manual / name).write_bytes(damage((manual / name).read_bytes()))
+    return str(manual / name)
+
+
+def corrupt_member_data(data: bytes) -> bytes:
+    """Flips bytes inside the first stored PNG's data: the zip's CRC-32 no longer matches."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith('.png'))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 40
+    data = bytearray(data)
+    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    return bytes(data)
+
+
+@pytest.mark.parametrize('name, damage, problem', [
+    (IMAGES_ZIP, lambda b: b[:len(b) // 2], 'File is not a zip file'),  # no central directory
+    (LABELS_ZIP, corrupt_member_data, "Bad CRC-32 for file 'gtFine/test/berlin/"),
+])
+def test_damaged_zip_is_one_line_naming_it_and_leaves_nothing_half_extracted(
+        tmp_path, name, damage, problem):
+    path = damaged_zip(tmp_path, name, damage)
+    with pytest.raises(prepare_lib.PrepareError) as error:
+        prepared(tmp_path)
+    size = os.path.getsize(path)
+    official = 'about 11 GB' if name == IMAGES_ZIP else 'about 241 MB'
+    message = str(error.value)
+    assert message.startswith(f'{path} is truncated or corrupt (extracting it failed: {problem}')
+    assert message.endswith(f'it is {size:,} bytes (the official file: {official}) - download '
+                            f'it again from {cityscapes.DOWNLOAD_URL} and run again')
+    assert '\n' not in message
+    assert sorted(p.name for p in tmp_path.rglob('incomplete*')) == []
+
+
+def run_prepare(data_dir, manual_dir, *flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'segjax.data.cityscapes', '--data_dir', str(data_dir),
+         '--manual_dir', str(manual_dir), *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_prepare_command_prints_its_own_lines_unless_verbose(tmp_path):
+    manual = tmp_path / 'manual'
+    manual.mkdir()
+    write_zips(manual)
+    result = run_prepare(tmp_path / 'tfds', manual)
+    assert result.returncode == 0, result.stderr
+    # No TensorFlow C++ lines, progress bars or library warnings; segjax's own warning stays.
+    assert result.stderr.splitlines() == [
+        'WARNING:absl:cityscapes_segmentation train: 5 pixels in 1 label files had values '
+        '[40, 250] outside the known set; they are stored as 255 (ignore). First files: '
+        f"['{LABELS_ZIP}:gtFine/train/bochum/{UNKNOWN_IMAGE}_gtFine_labelIds.png']"]
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f'preparing cityscapes_segmentation/semantic_segmentation/1.0.0 in '
+                        f'{tmp_path}/tfds (once; later runs reuse it)')
+    assert lines[1].startswith('prepared cityscapes_segmentation/semantic_segmentation/1.0.0 in ')
+    assert lines[2:5] == ['train: 3 examples', 'validation: 2 examples', 'test: 1 examples']
+    assert len(lines) == 7  # + the unknown label counts, + where it is
+    # Prepared: a second run only reports.
+    assert run_prepare(tmp_path / 'tfds', manual).stdout.splitlines() == lines[2:]
+    # --verbose brings TFDS's own lines back (preparing again, in a fresh data_dir).
+    verbose = run_prepare(tmp_path / 'tfds2', manual, '--verbose')
+    assert verbose.returncode == 0, verbose.stderr
+    assert 'Downloading and preparing dataset' in verbose.stdout
+    assert 'Extraction completed' in verbose.stderr  # TFDS's progress bar

@@ -1,6 +1,9 @@
 """The VOC 2012 (+ SBD) builder on tiny fake archives in the official layouts, and its pipeline."""
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -13,6 +16,9 @@ from PIL import Image
 
 from segjax import visualize
 from segjax.data import pipeline, voc
+from segjax.data import prepare as prepare_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOC_TRAIN = ('2007_000032', '2007_000039', '2008_000002')
 VOC_VAL = ('2007_000033', '2007_000042')
@@ -282,3 +288,117 @@ def test_eval_resize_keeping_aspect_ratio(aug_builder):
         # 30x40 -> 16x21 (short edge bound), 44x28 -> 24x15 (long edge bound).
         assert (valid_rows, valid_cols) in ((16, 21), (24, 15))
         assert set(np.unique(label)) <= set(range(21)) | {255}
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged archives: one line naming the archive and what to do, nothing half-extracted left.
+
+
+def prepared(tmp_path, config: str = 'voc2012'):
+    """What the prepare command and every run call (lock, one-line errors)."""
+    return prepare_lib.prepared(
+        lambda: voc.VocSegmentation(config=config, data_dir=str(tmp_path / 'tfds')),
+        tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
+
+
+def leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.rglob('incomplete*'))
+
+
+def damaged_archives(tmp_path, voc_bytes=None, sbd_bytes=None) -> None:
+    """The fake archives in tmp_path/manual, each passed through a damaging function."""
+    manual = tmp_path / 'manual'
+    manual.mkdir()
+    for name, write, damage in ((voc.VOC_ARCHIVE, write_voc_tar, voc_bytes),
+                                (voc.SBD_ARCHIVE, write_sbd_tgz, sbd_bytes)):
+        write(manual / name)
+        if damage is not None:
+            (manual / name).write_bytes(damage((manual / name).read_bytes()))
+
+
+def flip_bytes(data: bytes, start: int, count: int = 64) -> bytes:
+    data = bytearray(data)
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    return bytes(data)
+
+
+def test_truncated_voc_tar_names_file_size_and_source(tmp_path):
+    damaged_archives(tmp_path, voc_bytes=lambda b: b[:len(b) * 2 // 3])
+    size = (tmp_path / 'manual' / voc.VOC_ARCHIVE).stat().st_size
+    with pytest.raises(prepare_lib.PrepareError) as error:
+        prepared(tmp_path)
+    assert str(error.value) == (
+        f'{tmp_path / "manual" / voc.VOC_ARCHIVE} is truncated (it ends inside a member, without '
+        f'the tar end-of-archive blocks); it is {size:,} bytes (the official file: '
+        f'1,999,639,040 bytes, sha256 {voc.VOC_SHA256}) - download it again from {voc.VOC_URL} '
+        'and run again')
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize('damage, problem', [
+    (lambda b: b[:len(b) * 2 // 3], 'Compressed file ended before the end-of-stream marker'),
+    (lambda b: flip_bytes(b, 0, 512), ''),  # no gzip header: tarfile cannot open it
+])
+def test_damaged_sbd_tgz_is_one_line_and_leaves_no_half_extraction(tmp_path, damage, problem):
+    damaged_archives(tmp_path, sbd_bytes=damage)
+    with pytest.raises(prepare_lib.PrepareError) as error:
+        prepared(tmp_path, 'aug')
+    message = str(error.value)
+    assert message.startswith(f'{tmp_path / "manual" / voc.SBD_ARCHIVE} is truncated or corrupt '
+                              f'(extracting it failed: {problem}')
+    assert message.endswith(f'(the official file: about 1.4 GB, md5 {voc.SBD_MD5}) - download '
+                            f'it again from {voc.SBD_URL} and run again')
+    assert '\n' not in message
+    assert leftovers(tmp_path) == []  # TFDS leaves incomplete.<uuid>_TAR_GZ.benchmark.tgz
+    assert (tmp_path / 'tfds' / 'downloads' / 'extracted' / f'TAR.{voc.VOC_ARCHIVE}').is_dir()
+
+
+def test_damaged_member_then_the_downloaded_again_archive_is_extracted_again(tmp_path):
+    member = 'VOCdevkit/VOC2012/JPEGImages/2007_000033.jpg'
+    damaged_archives(tmp_path)
+    write_voc_tar(tmp_path / 'manual' / voc.VOC_ARCHIVE, {member: b'\xff\xd8\xff not a jpeg'})
+    with pytest.raises(prepare_lib.PrepareError) as error:
+        prepared(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f'preparing voc2012_segmentation/voc2012/1.0.0 in {tmp_path}/tfds: '
+                              f'archive member {voc.VOC_ARCHIVE}:{member} is not a readable image')
+    assert f'{voc.VOC_ARCHIVE} is damaged or not the official file; it is ' in message
+    assert message.endswith(f'download it again from {voc.VOC_URL} and run again')
+    assert leftovers(tmp_path) == []
+    # TFDS keys extractions by file name: the old one must not be reused for the new file.
+    write_voc_tar(tmp_path / 'manual' / voc.VOC_ARCHIVE)
+    stored = examples(prepared(tmp_path), 'validation')
+    assert sorted(stored) == sorted(VOC_VAL)
+    np.testing.assert_array_equal(stored['2007_000033']['label'][..., 0],
+                                  voc_label('2007_000033'))
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_prepare_command_error_is_one_line_without_traceback(tmp_path):
+    damaged_archives(tmp_path, voc_bytes=lambda b: b[:20_000])
+    result = run_module('segjax.data.voc', '--data_dir', tmp_path / 'tfds', '--manual_dir',
+                        tmp_path / 'manual')
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith('python -m segjax.data.voc: error: ')
+    assert 'is truncated' in result.stderr and voc.VOC_URL in result.stderr
+    assert result.stdout == (f'preparing voc2012_segmentation/voc2012/1.0.0 in {tmp_path}/tfds '
+                             '(once; later runs reuse it)\n')
+
+
+def test_train_on_a_damaged_archive_is_a_clean_error(tmp_path):
+    damaged_archives(tmp_path, voc_bytes=lambda b: b[:20_000])
+    data_dir = tmp_path / 'tfds'
+    (data_dir / 'downloads').mkdir(parents=True)
+    (tmp_path / 'manual').rename(data_dir / 'downloads' / 'manual')  # TFDS's default place
+    result = run_module('segjax.train', '--config', 'experiments/fcn_voc_aug.py', '--workdir',
+                        tmp_path / 'run', f'--config.data.data_dir={data_dir}')
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.startswith(f'segjax.train: error: {data_dir}/downloads/manual/'
+                                    f'{voc.VOC_ARCHIVE} is truncated')
+    assert result.stderr.count('\n') == 1, result.stderr

@@ -32,12 +32,24 @@ import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
+# First: TensorFlow (loaded by TFDS's Cityscapes module) reads its C++ log level when it loads.
+from segjax import logs
+
+# isort: split
+
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.datasets.cityscapes import cityscapes_dataset_builder as tfds_cityscapes
 
-from segjax.data.voc import CorruptFileError, UnknownLabels, encode_png, manual_dir
+from segjax.data import prepare
+from segjax.data.voc import (
+    CorruptFileError,
+    MissingMemberError,
+    UnknownLabels,
+    encode_png,
+    manual_dir,
+)
 
 if __name__ == '__main__':
     # `python -m segjax.data.cityscapes` runs the package's copy of this module, so that the builder
@@ -139,6 +151,12 @@ class Cityscapes(tfds_cityscapes.Builder):
             name='semantic_segmentation',
             description='Fine annotations: train 2,975, validation 500, test 1,525.'),
     ]
+    # What a damaged-archive error says about each zip (sizes as the download page lists them).
+    ARCHIVES = {
+        name: prepare.Archive(name, DOWNLOAD_URL, size_text=size)
+        for name, size in (('leftImg8bit_trainvaltest.zip', 'about 11 GB'),
+                           ('gtFine_trainvaltest.zip', 'about 241 MB'))
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -163,14 +181,17 @@ class Cityscapes(tfds_cityscapes.Builder):
                 f'{", ".join(missing)}). Register at {DOWNLOAD_URL}, download those packages and '
                 f'put them there unextracted (or pass --manual_dir / DownloadConfig(manual_dir=) '
                 'pointing at where they are).')
+        self.archive_paths = {name: directory / name for name in archives}
+        for name in archives:  # checked and extracted here; TFDS's own code then reuses these
+            prepare.extract(dl_manager, directory / name, self.ARCHIVES[name])
         splits = super()._split_generators(dl_manager)
         for split in splits:
             for key, path in split.gen_kwargs.items():
                 if not os.path.isdir(path):
                     name, root = self.builder_config.zip_root[key]
-                    raise FileNotFoundError(
+                    raise MissingMemberError(
                         f'{name} has no {root}/{os.path.basename(path)}/ directory: is it the '
-                        f'official {name} from {DOWNLOAD_URL}?')
+                        f'official {name} from {DOWNLOAD_URL}?', f'{name}:')
         return splits
 
     def _generate_examples(self, **paths) -> Iterator[tuple[str, dict]]:
@@ -208,7 +229,7 @@ def _read_file(path: str, member: str) -> bytes:
         with open(path, 'rb') as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f'archive member {member} is missing') from None
+        raise MissingMemberError(f'archive member {member} is missing', member) from None
 
 
 def _read_png(path: str, member: str, mode: str) -> tuple[bytes, tuple[int, int]]:
@@ -221,7 +242,8 @@ def _read_png(path: str, member: str, mode: str) -> tuple[bytes, tuple[int, int]
                 return data, image.size
             return encode_png(np.asarray(image.convert(mode))), image.size
     except Exception as e:  # any decoding failure: the member is unreadable
-        raise CorruptFileError(f'archive member {member} is not a readable PNG: {e}') from e
+        raise CorruptFileError(f'archive member {member} is not a readable PNG: {e}',
+                               member) from e
 
 
 def _read_label(path: str, member: str) -> tuple[bytes | None, np.ndarray]:
@@ -235,7 +257,8 @@ def _read_label(path: str, member: str) -> tuple[bytes | None, np.ndarray]:
             label = np.asarray(image).astype(np.int32)
             keep = image.mode == 'L' and image.format == 'PNG'
     except Exception as e:  # any decoding failure: the member is unreadable
-        raise CorruptFileError(f'archive member {member} is not a readable label PNG: {e}') from e
+        raise CorruptFileError(f'archive member {member} is not a readable label PNG: {e}',
+                               member) from e
     return (data if keep else None), label
 
 
@@ -245,14 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
     parser.add_argument('--manual_dir', default=None,
                         help='directory holding the two zips (default <data_dir>/downloads/manual)')
+    logs.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    builder = Cityscapes(data_dir=args.data_dir)
+    logs.quiet(args.verbose)
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except (OSError, RuntimeError, ValueError) as e:  # missing, corrupt or mismatched files
+        builder = prepare.prepared(lambda: Cityscapes(data_dir=args.data_dir),
+                                   tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
         parser.exit(1, f'{parser.prog}: error: {e}\n')
-    builder = Cityscapes(data_dir=args.data_dir)  # re-read from disk
     for split, info in builder.info.splits.items():
         print(f'{split}: {info.num_examples} examples')
     print('labels outside 0..33:', dict(builder.info.metadata['unknown_label_values']))

@@ -40,6 +40,9 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from segjax import logs
+from segjax.data import prepare
+
 if __name__ == '__main__':
     # `python -m segjax.data.voc` runs the package's copy of this module, so that the builder
     # is defined, and registered with TFDS, once and under its real module name.
@@ -83,7 +86,19 @@ _KNOWN[: len(CLASS_NAMES)] = _KNOWN[IGNORE_INDEX] = True
 
 
 class CorruptFileError(ValueError):
-    """An archive member that cannot be read as what it should be (names the member)."""
+    """An archive member that cannot be read as what it should be (names the member).
+
+    `member` is '<archive file name>:<path inside it>'; `archive` (its first part) lets
+    prepare.prepared add what to do about the archive to the message.
+    """
+
+    def __init__(self, message: str, member: str = ''):
+        super().__init__(message)
+        self.archive = member.split(':', 1)[0] if ':' in member else None
+
+
+class MissingMemberError(CorruptFileError):
+    """A file the archive's own lists name is not in it: a truncated or different archive."""
 
 
 @dataclasses.dataclass
@@ -122,6 +137,13 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     # TFDS's download manager checks downloads against these (cf. TFDS's voc checksums).
     url_infos = {VOC_URL: tfds.download.checksums.UrlInfo(
         size=VOC_SIZE, checksum=VOC_SHA256, filename=VOC_ARCHIVE)}
+    # What a damaged-archive error says about each archive (prepare.prepared reads it).
+    ARCHIVES = {
+        VOC_ARCHIVE: prepare.Archive(VOC_ARCHIVE, VOC_URL, size=VOC_SIZE,
+                                     checksum=f'sha256 {VOC_SHA256}'),
+        SBD_ARCHIVE: prepare.Archive(SBD_ARCHIVE, SBD_URL, size_text='about 1.4 GB',
+                                     checksum=f'md5 {SBD_MD5}'),
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -137,13 +159,14 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        voc_dir = _extract(dl_manager, VOC_ARCHIVE, VOC_URL)
+        self.archive_paths = {}  # archive file name -> the file read, for error messages
+        voc_dir = _extract(self, dl_manager, VOC_ARCHIVE, VOC_URL)
         voc = voc_dir / _VOC_ROOT
         lists = voc / 'ImageSets' / 'Segmentation'
         if not (lists / 'train.txt').exists():
-            raise FileNotFoundError(
+            raise MissingMemberError(
                 f'{VOC_ARCHIVE} has no {_VOC_ROOT}/ImageSets/Segmentation/train.txt: is it the '
-                f'VOC 2012 trainval archive from {VOC_URL}?')
+                f'VOC 2012 trainval archive from {VOC_URL}?', f'{VOC_ARCHIVE}:')
         train, val = _read_ids(lists / 'train.txt'), _read_ids(lists / 'val.txt')
 
         def voc_source(image_id: str) -> _Source:
@@ -156,10 +179,11 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
             'validation': self._generate_examples('validation', [voc_source(i) for i in val]),
         }
         if self.builder_config.with_sbd:
-            sbd = _extract(dl_manager, SBD_ARCHIVE, SBD_URL, md5=SBD_MD5) / _SBD_ROOT
+            sbd = _extract(self, dl_manager, SBD_ARCHIVE, SBD_URL, md5=SBD_MD5) / _SBD_ROOT
             if not (sbd / 'train.txt').exists():
-                raise FileNotFoundError(
-                    f'{SBD_ARCHIVE} has no {_SBD_ROOT}/train.txt: is it SBD from {SBD_URL}?')
+                raise MissingMemberError(
+                    f'{SBD_ARCHIVE} has no {_SBD_ROOT}/train.txt: is it SBD from {SBD_URL}?',
+                    f'{SBD_ARCHIVE}:')
             sbd_ids = _read_ids(sbd / 'train.txt') + _read_ids(sbd / 'val.txt')
             voc_train, excluded = set(train), set(val)
 
@@ -211,12 +235,13 @@ def manual_dir(dl_manager: tfds.download.DownloadManager) -> epath.Path:
         return epath.Path(dl_manager._manual_dir)  # only its path, for messages
 
 
-def _extract(dl_manager: tfds.download.DownloadManager, filename: str, url: str,
-             md5: str | None = None) -> epath.Path:
+def _extract(builder: VocSegmentation, dl_manager: tfds.download.DownloadManager,
+             filename: str, url: str, md5: str | None = None) -> epath.Path:
     """Extracts the archive from the manual dir, or downloads it (checksum-checked) first."""
     manual = manual_dir(dl_manager) / filename
     if manual.exists():
-        return epath.Path(dl_manager.extract(manual))
+        builder.archive_paths[filename] = manual
+        return prepare.extract(dl_manager, manual, builder.ARCHIVES[filename])
     try:
         path = epath.Path(dl_manager.download(url))
     except Exception as e:  # any download failure gets the same advice
@@ -231,7 +256,8 @@ def _extract(dl_manager: tfds.download.DownloadManager, filename: str, url: str,
         if digest.hexdigest() != md5:
             raise ValueError(f'{path} (from {url}) has md5 {digest.hexdigest()}, expected {md5}; '
                              'delete it and try again')
-    return epath.Path(dl_manager.extract(path))
+    builder.archive_paths[filename] = path
+    return prepare.extract(dl_manager, path, builder.ARCHIVES[filename])
 
 
 def _read_ids(path: epath.Path) -> list[str]:
@@ -242,7 +268,7 @@ def _read_member(path: epath.Path, member: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f'archive member {member} is missing') from None
+        raise MissingMemberError(f'archive member {member} is missing', member) from None
 
 
 def read_image(path: epath.Path, member: str) -> tuple[bytes, tuple[int, int]]:
@@ -259,7 +285,8 @@ def read_image(path: epath.Path, member: str) -> tuple[bytes, tuple[int, int]]:
                 return data, image.size
             return encode_png(np.asarray(image.convert('RGB'))), image.size
     except Exception as e:  # any decoding failure: the member is unreadable
-        raise CorruptFileError(f'archive member {member} is not a readable image: {e}') from e
+        raise CorruptFileError(f'archive member {member} is not a readable image: {e}',
+                               member) from e
 
 
 def read_voc_label(path: epath.Path, member: str) -> np.ndarray:
@@ -274,7 +301,8 @@ def read_voc_label(path: epath.Path, member: str) -> np.ndarray:
                 return colors_to_indices(np.asarray(image.convert('RGB')))
             raise ValueError(f'unexpected PNG mode {image.mode!r}')
     except Exception as e:  # any decoding failure: the member is unreadable
-        raise CorruptFileError(f'archive member {member} is not a readable label PNG: {e}') from e
+        raise CorruptFileError(f'archive member {member} is not a readable label PNG: {e}',
+                               member) from e
 
 
 def colors_to_indices(rgb: np.ndarray) -> np.ndarray:
@@ -303,10 +331,11 @@ def read_sbd_label(path: epath.Path, member: str) -> np.ndarray:
     except Exception as e:  # scipy raises many kinds on a bad file
         raise CorruptFileError(
             f'archive member {member} is not a readable SBD .mat with GTcls.Segmentation: '
-            f'{type(e).__name__}: {e}') from e
+            f'{type(e).__name__}: {e}', member) from e
     if segmentation.ndim != 2 or not np.issubdtype(segmentation.dtype, np.number):
         raise CorruptFileError(f'archive member {member}: GTcls.Segmentation is not a 2-D '
-                               f'numeric array ({segmentation.dtype}, {segmentation.shape})')
+                               f'numeric array ({segmentation.dtype}, {segmentation.shape})',
+                               member)
     whole = np.isfinite(segmentation) & (segmentation == np.round(segmentation))
     # Non-integers and out-of-byte values are unknown labels (256), never wrapped into a class.
     in_range = whole & (segmentation >= 0) & (segmentation <= 255)
@@ -357,14 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--manual_dir', default=None,
                         help='directory holding the archives (default <data_dir>/downloads/manual)')
     parser.add_argument('--config', default='voc2012', choices=['voc2012', 'aug'])
+    logs.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    builder = VocSegmentation(config=args.config, data_dir=args.data_dir)
+    logs.quiet(args.verbose)
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except (OSError, RuntimeError, ValueError) as e:  # missing, corrupt or mismatched files
+        builder = prepare.prepared(
+            lambda: VocSegmentation(config=args.config, data_dir=args.data_dir),
+            tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
         parser.exit(1, f'{parser.prog}: error: {e}\n')
-    builder = VocSegmentation(config=args.config, data_dir=args.data_dir)  # re-read from disk
     for split, info in builder.info.splits.items():
         print(f'{split}: {info.num_examples} examples')
     print('labels outside the known set:', dict(builder.info.metadata['unknown_label_values']))
