@@ -18,7 +18,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from segjax import checkpoint, experiment, metrics, optim, pretrained, sharding, step, visualize
+from segjax import (
+    checkpoint,
+    experiment,
+    logs,
+    metrics,
+    optim,
+    pretrained,
+    sharding,
+    step,
+    visualize,
+)
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
 from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
@@ -70,11 +80,6 @@ def load_pretrained(state: step.TrainState, path: str) -> step.TrainState:
         jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats)))
     ema = {'params': params, 'batch_stats': batch_stats} if state.ema else {}
     return state.replace(params=params, batch_stats=batch_stats, ema=ema)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
 
 
 def summary_images(state, batch: dict, predict_fn, config: ml_collections.ConfigDict,
@@ -199,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                if stats['skipped_steps'] else '')
                     print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f}'
                           f'{terms} | acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
-                          f'{images_per_s:.1f} img/s | ETA {format_seconds(eta)}{skipped}',
+                          f'{images_per_s:.1f} img/s | ETA {logs.format_seconds(eta)}{skipped}',
                           flush=True)
                 window_start, window_steps = time.time(), 0
             if is_last or (config.eval_every and step_number % config.eval_every == 0):
@@ -230,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         write_json(os.path.join(workdir, 'metrics.json'), result)
         print(metrics.format_table(last_eval, names))
-        print(f'done in {format_seconds(time.time() - start_time)}; metrics in '
+        print(f'done in {logs.format_seconds(time.time() - start_time)}; metrics in '
               f'{workdir}/metrics.json, TensorBoard: tensorboard --logdir {workdir}', flush=True)
     return result
 
