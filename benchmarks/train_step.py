@@ -16,6 +16,7 @@ XLA:CPU flags (oneDNN convolutions) apply here as in training, unless XLA_FLAGS 
 Reported per model, each in a fresh process (so that its peak RSS is its own):
   compile s      trace + lower + XLA compile of the step (ahead of time; the first call runs it)
   step s         median of `--repeats` timed calls after one warm-up call; images/s from it
+  train_cpu_s    (JSON only) median CPU seconds of `--repeats` more calls, all threads
   GFLOP/step     XLA's cost analysis of the compiled step (a multiply-add counts as 2 FLOPs)
   GFLOP/s, MFU   achieved FLOP rate, and its fraction of the peak: the faster of a large
                  jitted matmul (--matmul_size) and a large 3x3 convolution, float32 and
@@ -169,6 +170,13 @@ class SegjaxRunner:
 
         return seconds(run)
 
+    def train_cpu(self) -> float:
+        """CPU seconds (all threads of this process) of one training step: the work done, less
+        sensitive than wall time to other processes on a shared machine."""
+        start = time.process_time()
+        self.train()
+        return time.process_time() - start
+
     def infer(self) -> float:
         return seconds(lambda: self._infer(self.variables, self.batch['image'])
                        .block_until_ready())
@@ -179,6 +187,7 @@ def measure(name: str, batch: int, size: int, dtype_name: str, repeats: int) -> 
     runner = SegjaxRunner(name, batch, size, DTYPES[dtype_name])
     first_train_s, first_infer_s = runner.train(), runner.infer()  # warm-up calls
     train_s = statistics.median(runner.train() for _ in range(repeats))
+    train_cpu_s = statistics.median(runner.train_cpu() for _ in range(repeats))
     infer_s = statistics.median(runner.infer() for _ in range(repeats))
     return {
         'model': name, 'input': f'{batch}x{size}x{size}', 'dtype': dtype_name,
@@ -186,6 +195,7 @@ def measure(name: str, batch: int, size: int, dtype_name: str, repeats: int) -> 
         'train_compile_s': round(runner.train_compile_s, 2),
         'train_first_call_s': round(runner.train_compile_s + first_train_s, 2),
         'train_step_s': round(train_s, 4), 'train_images_per_s': round(batch / train_s, 2),
+        'train_cpu_s': round(train_cpu_s, 4),
         'train_gflop_per_step': round(runner.train_flops / 1e9, 2),
         'train_gflops': round(runner.train_flops / train_s / 1e9, 1),
         'infer_compile_s': round(runner.infer_compile_s, 2),

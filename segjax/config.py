@@ -29,8 +29,8 @@ CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule')
 # where the value comes from). A config that sets one of these is an error, not an option.
 SUPPLIED = {
     'model': (0, ('num_classes', 'dtype'), 'config.data.num_classes and config.dtype'),
-    'loss': (2, ('ignore_index',), 'the model output, the batch labels and '
-             'config.data.ignore_index'),
+    'loss': (2, ('ignore_index', 'with_denominators'), 'the model output, the batch labels, '
+             'config.data.ignore_index and config.grad_accum_steps'),
     'optimizer': (1, (), 'config.optimizer.lr through config.schedule'),
     'schedule': (2, (), 'config.optimizer.lr and config.num_steps'),
 }

@@ -17,6 +17,13 @@ batch gives the value of the formula over the global batch, however it is split 
   composite: weighted_sum, with_aux (return {'loss': total, <name>: term, ...}; train_step logs
              each term as train/loss/<name>)
   helper:    label_boundaries (the edge mask boundary_cross_entropy weights)
+
+Losses normalised by a count that depends on the batch (cross_entropy, focal_loss,
+boundary_cross_entropy, binary_cross_entropy) declare it: called with
+``with_denominators=True`` they return ``{'loss': L, 'denominators': ((L, D),)}``, D the label-only
+normaliser L divides by, so that gradient accumulation can weight each micro-batch by its share
+of the whole batch's D (see `segjax.step.train_step`); the composites pass the flag on to every
+term that declares one (:func:`declares_denominators`) and collect ``(w_k L_k, D_k)`` pairs.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from segjax.models.layers import resize_bilinear
+
 LossFn = Callable[..., Any]
 # A term of a composite: a loss function, (loss function, weight), or a mapping
 # {'fn': loss function, 'weight': w, **options of that loss} (the form a config can override).
 LossSpec = LossFn | tuple[LossFn, float] | Mapping[str, Any]
 
 _TINY = jnp.finfo(jnp.float32).tiny
+# The key under which a loss called with with_denominators=True returns its (term, D) pairs.
+DENOMINATORS = 'denominators'
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -112,6 +123,22 @@ def _is_zero(value) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
 
+def declares_denominators(fn: LossFn) -> bool:
+    """Whether a loss (or a partial of one) takes ``with_denominators`` (see the module doc)."""
+    try:
+        return 'with_denominators' in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature declares nothing
+        return False
+
+
+def _declared(value: jax.Array, denominator: jax.Array, with_denominators: bool):
+    """The loss value, or with `with_denominators` {'loss': value, 'denominators': ((value, D),)}:
+    D is what the value divides the batch's sum by, a function of the labels only."""
+    if not with_denominators:
+        return value
+    return {'loss': value, DENOMINATORS: ((value, jax.lax.stop_gradient(denominator)),)}
+
+
 # ----------------------------------------------------------------------------- pixel losses
 
 def cross_entropy(
@@ -122,6 +149,7 @@ def cross_entropy(
     class_weights: jax.Array | Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     normalize_by: str = 'weight',
+    with_denominators: bool = False,
 ) -> jax.Array:
     r"""Per-pixel softmax cross-entropy with integer labels, averaged over valid pixels.
 
@@ -158,6 +186,8 @@ def cross_entropy(
       label_smoothing: :math:`\varepsilon` in [0, 1]; the target is
         :math:`(1 - \varepsilon)\,\text{onehot} + \varepsilon / C`.
       normalize_by: ``'weight'``, ``'valid'`` or ``'all'`` (see above).
+      with_denominators: also return :math:`D` (see the module doc; for gradient
+        accumulation).
 
     Returns:
       A float32 scalar; 0.0 with zero gradients when no pixel is valid.
@@ -192,7 +222,7 @@ def cross_entropy(
     else:
         denominator = jnp.float32(valid.size)
     # No valid pixel: total is 0, so 0 / tiny = 0 and the gradient is 0 too, never NaN.
-    return total / jnp.maximum(denominator, _TINY)
+    return _declared(total / jnp.maximum(denominator, _TINY), denominator, with_denominators)
 
 
 def top_k_cross_entropy(
@@ -329,6 +359,7 @@ def focal_loss(
     ignore_index: int = 255,
     gamma: float = 2.0,
     alpha: float | jax.Array | Sequence[float] | None = None,
+    with_denominators: bool = False,
 ) -> jax.Array:
     r"""Softmax focal loss: cross-entropy down-weighting well-classified pixels.
 
@@ -356,6 +387,7 @@ def focal_loss(
       ignore_index: label value whose pixels are ignored.
       gamma: focusing parameter :math:`\gamma \ge 0`.
       alpha: optional balancing weight, a scalar or [C] per-class weights.
+      with_denominators: also return :math:`|V|` (see the module doc).
 
     Returns:
       A float32 scalar; 0.0 with zero gradients when no pixel is valid.
@@ -368,7 +400,9 @@ def focal_loss(
     per_pixel = _safe_pow(-jnp.expm1(-nll), gamma) * nll
     if alpha is not None:
         per_pixel = per_pixel * _class_vector(alpha, logits.shape[-1], 'alpha')[safe]
-    return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(_count(valid), 1.0)
+    count = _count(valid)
+    value = jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(count, 1.0)
+    return _declared(value, count, with_denominators)
 
 
 def label_boundaries(labels: jax.Array, *, ignore_index: int = 255, radius: int = 1,
@@ -402,6 +436,7 @@ def boundary_cross_entropy(
     ignore_index: int = 255,
     boundary_weight: float = 5.0,
     radius: int = 1,
+    with_denominators: bool = False,
 ) -> jax.Array:
     r"""Cross-entropy with extra weight on pixels near label edges (boundary-aware).
 
@@ -430,6 +465,7 @@ def boundary_cross_entropy(
       ignore_index: label value whose pixels are ignored.
       boundary_weight: :math:`\beta`, the extra weight of a boundary pixel.
       radius: half-width of the neighbourhood in pixels (a Python int).
+      with_denominators: also return :math:`\sum_{i \in V} u_i` (see the module doc).
 
     Returns:
       A float32 scalar; 0.0 with zero gradients when no pixel is valid.
@@ -443,7 +479,9 @@ def boundary_cross_entropy(
     boundary = label_boundaries(labels, ignore_index=ignore_index, radius=radius,
                                 num_classes=logits.shape[-1])
     weight = jnp.where(valid, 1.0 + boundary_weight * boundary, 0.0)
-    return _safe_div(jnp.sum(jnp.where(valid, weight * nll, 0.0)), jnp.sum(weight))
+    denominator = jnp.sum(weight)
+    value = _safe_div(jnp.sum(jnp.where(valid, weight * nll, 0.0)), denominator)
+    return _declared(value, denominator, with_denominators)
 
 
 # ----------------------------------------------------------------------------- region losses
@@ -789,6 +827,7 @@ def binary_cross_entropy(
     *,
     ignore_index: int = 255,
     pos_weight: float | None = None,
+    with_denominators: bool = False,
 ) -> jax.Array:
     r"""Sigmoid binary cross-entropy from one logit channel, averaged over valid pixels.
 
@@ -813,6 +852,7 @@ def binary_cross_entropy(
       labels: [...] integer 0/1 targets.
       ignore_index: label value whose pixels are ignored.
       pos_weight: optional weight :math:`w_+` of the positive term.
+      with_denominators: also return :math:`|V|` (see the module doc).
 
     Returns:
       A float32 scalar; 0.0 with zero gradients when no pixel is valid.
@@ -826,7 +866,9 @@ def binary_cross_entropy(
     if pos_weight is not None:
         positive = pos_weight * positive
     per_pixel = target * positive + (1.0 - target) * jax.nn.softplus(logits)
-    return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(_count(valid), 1.0)
+    count = _count(valid)
+    value = jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(count, 1.0)
+    return _declared(value, count, with_denominators)
 
 
 def binary_dice_loss(
@@ -956,6 +998,9 @@ def _term(spec: LossSpec, where: str, allow_weight: bool = True) -> tuple[LossFn
     if 'ignore_index' in options:
         raise ValueError(f'{where}: ignore_index is set once for all terms (config.data.'
                          'ignore_index), not per term')
+    if 'with_denominators' in options:
+        raise ValueError(f'{where}: with_denominators is set by the composite itself, not per '
+                         'term')
     _check_options(fn, options, where)
     return fn, weight, options
 
@@ -976,8 +1021,17 @@ def _check_options(fn: LossFn, options: dict, where: str) -> None:
 def _total_and_parts(value) -> tuple[jax.Array, dict]:
     """A loss's total and its named sub-terms (a composite's dict), or (scalar, {})."""
     if isinstance(value, Mapping):
-        return value['loss'], {k: v for k, v in value.items() if k != 'loss'}
+        return value['loss'], {k: v for k, v in value.items() if k not in ('loss', DENOMINATORS)}
     return value, {}
+
+
+def _call_term(fn: LossFn, options: dict, with_denominators: bool, *args, **kwargs):
+    """fn(*args, **options, **kwargs), asked for its denominators when wanted and declared;
+    returns (value, its (term, D) pairs, an empty tuple when it declares none)."""
+    if with_denominators and declares_denominators(fn):
+        value = fn(*args, **options, **kwargs, with_denominators=True)
+        return value, tuple(value[DENOMINATORS])
+    return fn(*args, **options, **kwargs), ()
 
 
 def _add_term(result: dict, name: str, value) -> jax.Array:
@@ -993,6 +1047,7 @@ def weighted_sum(
     *,
     terms: Mapping[str, LossSpec],
     ignore_index: int = 255,
+    with_denominators: bool = False,
 ) -> dict[str, jax.Array]:
     r"""A weighted sum of losses that reports every term by name.
 
@@ -1022,6 +1077,8 @@ def weighted_sum(
       labels: [...] integer class indices.
       terms: name -> term, as above (names must not be ``'loss'``).
       ignore_index: passed to every term.
+      with_denominators: also return ``'denominators'``: the ``(w_k L_k, D_k)`` pairs of the
+        terms that declare a denominator (see the module doc); the other terms add none.
 
     Returns:
       A dict of float32 scalars: the total at ``'loss'`` and each term by name.
@@ -1032,18 +1089,22 @@ def weighted_sum(
     """
     if not terms:
         raise ValueError('weighted_sum needs at least one term')
-    result, total = {}, jnp.float32(0.0)
+    result, total, pairs = {}, jnp.float32(0.0), ()
     for name, spec in terms.items():
-        if not isinstance(name, str) or name == 'loss':
-            raise ValueError(f"weighted_sum term name {name!r}: use a string other than 'loss'")
+        if not isinstance(name, str) or name in ('loss', DENOMINATORS):
+            raise ValueError(f"weighted_sum term name {name!r}: use a string other than 'loss' "
+                             f"and {DENOMINATORS!r}")
         fn, weight, options = _term(spec, f'weighted_sum term {name!r}')
-        value = _add_term(result, name, fn(logits, labels, ignore_index=ignore_index, **options))
-        total = total + weight * value
-    return {'loss': total, **result}
+        value, declared = _call_term(fn, options, with_denominators, logits, labels,
+                                     ignore_index=ignore_index)
+        total = total + weight * _add_term(result, name, value)
+        pairs += tuple((weight * term, d) for term, d in declared)
+    return {'loss': total, **result, **({DENOMINATORS: pairs} if with_denominators else {})}
 
 
 def _match_labels(head: jax.Array, labels: jax.Array) -> jax.Array:
-    """Auxiliary logits resized (bilinear) to the labels' spatial size, as mmsegmentation does."""
+    """Auxiliary logits resized to the labels' spatial size with `resize_bilinear` (half-pixel
+    centres, no antialiasing), as mmsegmentation does."""
     head = jnp.asarray(head)
     target = tuple(labels.shape) + head.shape[-1:]
     if head.shape == target:
@@ -1051,7 +1112,7 @@ def _match_labels(head: jax.Array, labels: jax.Array) -> jax.Array:
     if head.ndim != len(target) or head.shape[0] != target[0]:
         raise ValueError(f'auxiliary logits {head.shape} cannot be resized to labels '
                          f'{labels.shape} [..., C]')
-    return jax.image.resize(head.astype(jnp.float32), target, method='bilinear')
+    return resize_bilinear(head.astype(jnp.float32), *target[1:-1])
 
 
 def with_aux(
@@ -1062,6 +1123,7 @@ def with_aux(
     aux: LossSpec | None = None,
     aux_weight: float | Sequence[float] = 0.4,
     ignore_index: int = 255,
+    with_denominators: bool = False,
 ) -> dict[str, jax.Array]:
     r"""The main-plus-auxiliary-head loss of a model returning ``{'logits': ..., 'aux': ...}``.
 
@@ -1091,6 +1153,8 @@ def with_aux(
       aux: the loss of the auxiliary logits (default: ``main``).
       aux_weight: :math:`\lambda`, a number or one per auxiliary head.
       ignore_index: passed to every loss.
+      with_denominators: also return ``'denominators'``, the ``(weighted term, D)`` pairs of
+        the losses that declare a denominator (see the module doc; for gradient accumulation).
 
     Returns:
       A dict of float32 scalars: the total at ``'loss'``, ``'main'`` and ``'aux'``.
@@ -1115,10 +1179,13 @@ def with_aux(
         raise ValueError(f'aux_weight has {len(weights)} weights for {len(heads)} aux heads')
 
     result = {}
-    total = _add_term(result, 'main', main_fn(outputs['logits'], labels,
-                                              ignore_index=ignore_index, **main_options))
+    value, pairs = _call_term(main_fn, main_options, with_denominators, outputs['logits'],
+                              labels, ignore_index=ignore_index)
+    total = _add_term(result, 'main', value)
     for i, (head, weight) in enumerate(zip(heads, weights, strict=True)):
-        value = aux_fn(_match_labels(head, labels), labels, ignore_index=ignore_index,
-                       **aux_options)
+        value, declared = _call_term(aux_fn, aux_options, with_denominators,
+                                     _match_labels(head, labels), labels,
+                                     ignore_index=ignore_index)
         total = total + weight * _add_term(result, f'aux/{i}' if several else 'aux', value)
-    return {'loss': total, **result}
+        pairs += tuple((weight * term, d) for term, d in declared)
+    return {'loss': total, **result, **({DENOMINATORS: pairs} if with_denominators else {})}

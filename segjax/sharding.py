@@ -19,9 +19,20 @@ from segjax.config import ConfigError
 DATA_AXIS = 'data'
 
 
-# XLA:CPU convolutions through oneDNN with YNN fusion off: 1.3-1.9x faster steps on the CPUs
-# measured (see benchmarks/); ignored by GPU and TPU backends.
-CPU_XLA_FLAGS = ('--xla_cpu_use_onednn=true', '--xla_cpu_experimental_ynn_fusion_type=')
+# XLA:CPU (ignored by GPU and TPU backends): convolutions through oneDNN, and YNN fusion for
+# reductions only. YNN convolutions cost ~18% more CPU per U-Net step; with YNN fusion off
+# (segjax <= 2026-11) reductions ran in XLA's own loops, which lose ~1000x in float32 accuracy
+# (jnp.sum of 49,152 values: relative error 2e-4 vs 3e-8), in losses, statistics and logs.
+# YNN's reductions cost nothing measurable (benchmarks/xla_cpu_flags.py).
+CPU_XLA_FLAGS = ('--xla_cpu_use_onednn=true', '--xla_cpu_experimental_ynn_fusion_type=reduce')
+
+
+def with_cpu_xla_flags(xla_flags: str) -> str:
+    """`xla_flags` plus each of CPU_XLA_FLAGS whose name it does not set already."""
+    for flag in CPU_XLA_FLAGS:
+        if flag.split('=')[0] not in xla_flags:
+            xla_flags += ' ' + flag
+    return xla_flags.strip()
 
 
 def configure_runtime(compilation_cache: str | None = None) -> None:
@@ -33,11 +44,7 @@ def configure_runtime(compilation_cache: str | None = None) -> None:
     device and process still draws the same values. The cache makes a re-run skip compilation
     (U-Net init + forward: 29 s cold, 2.6 s warm on 2 cores).
     """
-    flags = os.environ.get('XLA_FLAGS', '')
-    for flag in CPU_XLA_FLAGS:
-        if flag.split('=')[0] not in flags:
-            flags += ' ' + flag
-    os.environ['XLA_FLAGS'] = flags.strip()
+    os.environ['XLA_FLAGS'] = with_cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
     jax.config.update('jax_default_prng_impl', 'rbg')
     if compilation_cache:
         jax.config.update('jax_compilation_cache_dir', compilation_cache)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segjax import inference, metrics
+from segjax import inference, losses, metrics
 
 
 @flax.struct.dataclass
@@ -57,7 +57,8 @@ def loss_terms(output) -> dict:
         if 'loss' not in output:
             raise ValueError(f"a loss returning a dict must hold the total at 'loss'; got "
                              f'{sorted(output)}')
-        return {('loss' if k == 'loss' else f'loss/{k}'): v for k, v in output.items()}
+        return {('loss' if k == 'loss' else f'loss/{k}'): v for k, v in output.items()
+                if k != losses.DENOMINATORS}
     return {'loss': output}
 
 
@@ -70,17 +71,27 @@ def _variables(state: TrainState) -> dict:
     return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def _gradients(params, batch_stats, batch: dict, rng: jax.Array, *, model: nn.Module,
-               loss_fn: Callable, ignore_index: int):
-    """(loss terms, [correct, valid] pixel counts, gradients, new BatchNorm statistics)."""
+def _gradients(params, batch_stats, batch: dict, rng: jax.Array, shares=None, *,
+               model: nn.Module, loss_fn: Callable, ignore_index: int,
+               micro_batches: int = 1):
+    """(loss terms, [correct, valid] pixel counts, gradients, new BatchNorm statistics).
+
+    For micro-batch i of k (micro_batches > 1) the terms are divided by k and the gradient is
+    that of `_micro_objective`, so that summing over the micro-batches gives the update.
+    """
 
     def compute_loss(params):
         outputs, updates = model.apply(
             {'params': params, 'batch_stats': batch_stats}, batch['image'], train=True,
             mutable=['batch_stats'], rngs={'dropout': rng})
         # Models with auxiliary heads hand the loss their whole output dict.
-        terms = loss_terms(loss_fn(outputs, batch['label']))
-        return terms['loss'], (terms, main_logits(outputs), updates)
+        output = loss_fn(outputs, batch['label'])
+        terms = loss_terms(output)
+        objective = terms['loss']
+        if micro_batches > 1:
+            objective = _micro_objective(output, shares, micro_batches)
+            terms = {**jax.tree.map(lambda t: t / micro_batches, terms), 'loss': objective}
+        return objective, (terms, main_logits(outputs), updates)
 
     (_, (terms, logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
     valid = batch['label'] != ignore_index
@@ -96,6 +107,71 @@ def _microbatches(batch: dict, num: int) -> dict:
         lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def _micro_objective(output, shares, micro_batches: int) -> jax.Array:
+    """Micro-batch i's part of the whole batch's loss: its terms that declare a denominator D
+    weighted by D_i / sum_j D_j (`shares`), the rest of its loss by 1/k.
+
+    A declared term of the whole batch is N / D with N and D sums over the micro-batches, so it
+    equals sum_i (N_i / D_i) * D_i / D; D depends on the labels only, so it has no gradient.
+    """
+    total = output['loss'] if isinstance(output, dict) else output
+    objective = total / micro_batches
+    pairs = output.get(losses.DENOMINATORS, ()) if isinstance(output, dict) else ()
+    for (term, _), share in zip(pairs, shares, strict=True):
+        objective = objective + term * (share - 1.0 / micro_batches)
+    return objective
+
+
+def _denominator_shares(micro: dict, output_shapes, loss_fn: Callable) -> tuple:
+    """Each declared denominator's share per micro-batch: a [k] array D_i / sum_j D_j per term
+    (1/k where the whole batch's D is 0), from the labels alone: the loss runs on zero logits
+    of the model's output shapes, and XLA drops everything that does not reach D."""
+    micro_batches = micro['label'].shape[0]
+
+    def denominators(labels):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), output_shapes)
+        return tuple(d for _, d in loss_fn(zeros, labels)[losses.DENOMINATORS])
+
+    shares = []
+    for per_micro in jax.vmap(denominators)(micro['label']):
+        whole = jnp.sum(per_micro)
+        shares.append(jnp.where(whole > 0, per_micro / jnp.where(whole > 0, whole, 1.0),
+                                1.0 / micro_batches))
+    return tuple(shares)
+
+
+def _accumulated_gradients(params, batch_stats, batch: dict, rng: jax.Array, *,
+                           model: nn.Module, loss_fn: Callable, ignore_index: int,
+                           micro_batches: int):
+    """`_gradients` of the whole batch summed over `micro_batches` micro-batches in a scan."""
+    micro = _microbatches(batch, micro_batches)
+    shares = ()
+    if losses.declares_denominators(loss_fn):
+        loss_fn = functools.partial(loss_fn, with_denominators=True)
+        output_shapes = jax.eval_shape(
+            lambda variables, images: model.apply(variables, images, train=True,
+                                                  mutable=['batch_stats'],
+                                                  rngs={'dropout': rng})[0],
+            {'params': params, 'batch_stats': batch_stats}, micro['image'][0])
+        shares = _denominator_shares(micro, output_shapes, loss_fn)
+    gradients = functools.partial(_gradients, model=model, loss_fn=loss_fn,
+                                  ignore_index=ignore_index, micro_batches=micro_batches)
+
+    def accumulate(carry, inputs):
+        sums, batch_stats = carry
+        micro, index, micro_shares = inputs
+        *values, batch_stats = gradients(params, batch_stats, micro,
+                                         jax.random.fold_in(rng, index), micro_shares)
+        return (jax.tree.map(jnp.add, sums, tuple(values)), batch_stats), None
+
+    first_micro, first_shares = jax.tree.map(lambda x: x[0], (micro, shares))
+    shapes = jax.eval_shape(gradients, params, batch_stats, first_micro, rng, first_shares)[:3]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (sums, batch_stats), _ = jax.lax.scan(
+        accumulate, (zeros, batch_stats), (micro, jnp.arange(micro_batches), shares))
+    return (*sums, batch_stats)
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -105,34 +181,31 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
                grad_accum_steps: int = 1, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
     """One optimizer step on a (global) batch; BatchNorm statistics are over the global batch.
 
-    With grad_accum_steps=k the batch is split into k micro-batches whose gradients (and loss
-    terms) are averaged: for per-pixel losses the same update as one step on the whole batch
-    when every micro-batch has as many valid pixels; region losses (Dice, Lovasz) and OHEM are
-    then computed per micro-batch, and BatchNorm sees micro-batches, updated k times. A step whose
-    loss or gradients are not finite changes nothing but the step and the skip counters.
+    With grad_accum_steps=k the batch is split into k micro-batches (scanned, one in memory at
+    a time) whose gradients are summed, each weighted so that the update is the whole batch's
+    where the loss allows: a loss normalised by a label-dependent count (cross-entropy by
+    class weight, valid or all pixels; focal, boundary and binary cross-entropy; each term of
+    `losses.with_aux` / `losses.weighted_sum` that is one of these) declares that count D
+    (`losses.declares_denominators`), and micro-batch i's term is weighted by D_i / sum_j D_j,
+    which gives exactly the whole batch's loss and gradient whatever the micro-batches' pixel
+    counts. What still differs from one step on the whole batch: the rest of the loss (region
+    losses such as Dice and Lovasz, top-k and OHEM cross-entropy, whose selection is per
+    micro-batch, and any loss that declares nothing) is averaged over the micro-batches with
+    weight 1/k; BatchNorm normalises each micro-batch by its own statistics and updates its
+    running averages k times; dropout draws differ. Logged: 'loss' is the whole batch's value
+    so weighted, the 'loss/<name>' terms are micro-batch means. A step whose loss or gradients
+    are not finite changes nothing but the step and the skip counters, and logs its pixel
+    accuracy as NaN (its logits are not to be trusted).
     """
     rng = jax.random.fold_in(rng, state.step)
-    gradients = functools.partial(_gradients, model=model, loss_fn=loss_fn,
-                                  ignore_index=ignore_index)
     if grad_accum_steps == 1:
-        terms, counts, grads, batch_stats = gradients(state.params, state.batch_stats, batch, rng)
+        terms, counts, grads, batch_stats = _gradients(
+            state.params, state.batch_stats, batch, rng, model=model, loss_fn=loss_fn,
+            ignore_index=ignore_index)
     else:
-        def accumulate(carry, inputs):
-            sums, batch_stats = carry
-            micro, index = inputs
-            *values, batch_stats = gradients(state.params, batch_stats, micro,
-                                             jax.random.fold_in(rng, index))
-            return (jax.tree.map(jnp.add, sums, tuple(values)), batch_stats), None
-
-        shapes = jax.eval_shape(gradients, state.params, state.batch_stats,
-                                jax.tree.map(lambda x: x[::grad_accum_steps], batch), rng)[:3]
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (sums, batch_stats), _ = jax.lax.scan(
-            accumulate, (zeros, state.batch_stats),
-            (_microbatches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)))
-        terms, counts, grads = sums
-        terms = jax.tree.map(lambda t: t / grad_accum_steps, terms)
-        grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+        terms, counts, grads, batch_stats = _accumulated_gradients(
+            state.params, state.batch_stats, batch, rng, model=model, loss_fn=loss_fn,
+            ignore_index=ignore_index, micro_batches=grad_accum_steps)
 
     finite = jnp.isfinite(terms['loss']) & _all_finite(grads)
 
@@ -157,8 +230,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         ema=ema, nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    stats = {**terms, 'grad_norm': optax.tree.norm(grads),
-             'pixel_accuracy': counts[0] / jnp.maximum(counts[1], 1),
+    # A skipped step's accuracy is NaN: its logits may be NaN, and argmax of NaN is made up.
+    accuracy = jnp.where(finite, counts[0] / jnp.maximum(counts[1], 1), jnp.nan)
+    stats = {**terms, 'grad_norm': optax.tree.norm(grads), 'pixel_accuracy': accuracy,
              'skipped_steps': new_state.skipped_steps, 'nonfinite_run': new_state.nonfinite_run}
     return new_state, stats
 

@@ -1,4 +1,6 @@
-"""Every test process sees 8 CPU devices, so sharding code is always exercised."""
+"""Every test process sees 8 CPU devices, so sharding code is always exercised, under the
+XLA:CPU flags the command-line tools set (`segjax.sharding.CPU_XLA_FLAGS`), so the numerics
+tested are the numerics users get."""
 
 import os
 
@@ -17,6 +19,11 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+# After torchvision (see above), before any JAX computation: XLA reads its flags once.
+from segjax import sharding  # noqa: E402
+
+os.environ['XLA_FLAGS'] = sharding.with_cpu_xla_flags(os.environ['XLA_FLAGS'])
 
 
 

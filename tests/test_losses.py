@@ -846,6 +846,77 @@ def test_with_aux_errors():
         run(losses.with_aux, {'logits': P2, 'aux': P2}, jnp.array([0, 1]), aux_weight=(0.4, 0.2))
 
 
+# A 1x3 image whose last two pixels are an edge, plus an ignored pixel (see the doctests).
+EDGE_LOGITS = jnp.zeros((1, 1, 4, 2)).at[0, 0, 0, 0].set(math.log(3.0))
+EDGE_LABELS = jnp.array([[[0, 0, 1, 255]]])
+
+
+@pytest.mark.parametrize('fn, options, denominator', [
+    (cross_entropy, {}, 3.0),                                            # valid pixels
+    (cross_entropy, {'class_weights': (2.0, 0.5)}, 2 * 2.0 + 0.5),       # sum of weights
+    (cross_entropy, {'class_weights': (2.0, 0.5), 'normalize_by': 'valid'}, 3.0),
+    (cross_entropy, {'normalize_by': 'all'}, 4.0),                       # every pixel
+    (losses.focal_loss, {'alpha': (2.0, 0.5)}, 3.0),
+    (losses.boundary_cross_entropy, {'boundary_weight': 4.0}, 1 + 5 + 5),
+    (losses.binary_cross_entropy, {'pos_weight': 3.0}, 3.0),
+])
+def test_declared_denominators_golden(fn, options, denominator):
+    assert losses.declares_denominators(fn)
+    plain = run(fn, EDGE_LOGITS[..., :1] if fn is losses.binary_cross_entropy else EDGE_LOGITS,
+                EDGE_LABELS, **options)
+    out = run(fn, EDGE_LOGITS[..., :1] if fn is losses.binary_cross_entropy else EDGE_LOGITS,
+              EDGE_LABELS, with_denominators=True, **options)
+    assert sorted(out) == ['denominators', 'loss']
+    ((term, d),) = out['denominators']
+    np.testing.assert_allclose([out['loss'], term, d], [plain, plain, denominator], rtol=1e-6)
+    # Declared denominators depend on the labels only and carry no gradient.
+    grad = jax.grad(lambda z: fn(z, EDGE_LABELS, with_denominators=True, **options)
+                    ['denominators'][0][1])(EDGE_LOGITS[..., :1] if fn is
+                                            losses.binary_cross_entropy else EDGE_LOGITS)
+    assert not np.any(grad)
+
+
+@pytest.mark.parametrize('fn', [losses.dice_loss, losses.lovasz_softmax, losses.jaccard_loss,
+                                losses.ohem_cross_entropy, losses.top_k_cross_entropy])
+def test_region_losses_and_hard_example_mining_declare_no_denominator(fn):
+    # Their normaliser is not a sum over pixels of the labels (Dice pools the batch; OHEM and
+    # top-k select pixels by their logits): nothing to declare, accumulation averages them.
+    assert not losses.declares_denominators(fn)
+
+
+def test_composites_collect_the_weighted_terms_and_denominators_of_declaring_terms():
+    logits, labels = random_batch(seed=18)
+    aux = logits[..., ::-1]
+    weights = (0.5, 1.0, 2.0, 1.5)
+    terms = {'ce': {'fn': cross_entropy, 'class_weights': weights},
+             'focal': {'fn': losses.focal_loss, 'weight': 0.5},
+             'dice': {'fn': losses.dice_loss, 'weight': 2.0}}
+    plain = run(losses.with_aux, {'logits': logits, 'aux': aux}, labels, aux_weight=0.4,
+                main={'fn': losses.weighted_sum, 'terms': terms})
+    out = run(losses.with_aux, {'logits': logits, 'aux': aux}, labels, aux_weight=0.4,
+              main={'fn': losses.weighted_sum, 'terms': terms}, with_denominators=True)
+    assert losses.declares_denominators(functools.partial(losses.with_aux, aux_weight=0.4))
+    assert sorted(out) == sorted([*plain, 'denominators'])
+    for key in plain:
+        np.testing.assert_allclose(out[key], plain[key], rtol=1e-6)
+    valid = (labels != 255)
+    weight_sum = float(jnp.sum(jnp.where(valid, jnp.asarray(weights)[jnp.where(valid, labels,
+                                                                                0)], 0.0)))
+    count = float(valid.sum())
+    # (w_k L_k, D_k) of ce and focal (0.5) in the main loss and in the aux head's (0.4; the
+    # aux loss defaults to the main one); Dice declares none.
+    expected = [(plain['main/ce'], weight_sum), (0.5 * plain['main/focal'], count),
+                (0.4 * plain['aux/ce'], weight_sum), (0.4 * 0.5 * plain['aux/focal'], count)]
+    assert len(out['denominators']) == 4
+    for (term, d), (want_term, want_d) in zip(out['denominators'], expected, strict=True):
+        np.testing.assert_allclose([term, d], [want_term, want_d], rtol=1e-6)
+    # train_step's logged terms never include the denominators.
+    assert 'loss/denominators' not in step.loss_terms(out)
+    with pytest.raises(ValueError, match='with_denominators is set by the composite'):
+        losses.weighted_sum(logits, labels, terms={
+            'ce': {'fn': cross_entropy, 'with_denominators': True}})
+
+
 def test_composite_config_loads_overrides_and_jits():
     config = config_lib.load('experiments/composite_loss_example.py', [
         'loss.terms.dice.weight=0.25', 'loss.terms.dice.classes=all',

@@ -29,8 +29,8 @@ def one_device_mesh():
 
 def test_two_processes_reach_the_same_parameters_as_one_device(tmp_path):
     port, out = free_port(), tmp_path / 'params.npz'
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-           'JAX_PLATFORMS': 'cpu'}
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': sharding.with_cpu_xla_flags(
+        '--xla_force_host_platform_device_count=2')}
     script = os.path.join(ROOT, 'tests', 'multiprocess_steps.py')
     processes = [subprocess.Popen([sys.executable, script, f'127.0.0.1:{port}', str(i), str(out)],
                                   cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -101,6 +101,8 @@ def test_a_nan_step_is_skipped_and_counted():
                                            loss_fn=losses.cross_entropy, ema_decay=0.9))
     after_bad, stats = train_step(state, bad, jax.random.key(1))
     assert int(stats['skipped_steps']) == 1 and int(stats['nonfinite_run']) == 1
+    # The skipped step's logits are NaN: its logged accuracy says so rather than a made-up value.
+    assert np.isnan(stats['pixel_accuracy']) and np.isnan(stats['loss'])
     assert int(after_bad.step) == 1  # the data position still advances
     for tree in ('params', 'opt_state', 'ema'):
         for a, b in zip(jax.tree.leaves(getattr(after_bad, tree)),
@@ -108,6 +110,7 @@ def test_a_nan_step_is_skipped_and_counted():
             np.testing.assert_array_equal(a, b)
     after_good, stats = train_step(after_bad, good, jax.random.key(1))
     assert int(stats['nonfinite_run']) == 0 and int(stats['skipped_steps']) == 1
+    assert 0.0 <= float(stats['pixel_accuracy']) <= 1.0
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_good.params))
 
 
