@@ -95,6 +95,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval.window_batch = 8  # windows run together; bounds memory in 'slide' mode
     c.eval.scales = (1.0,)  # test-time scales; probabilities averaged at full resolution
     c.eval.flip = False  # also average the horizontally flipped image
+    # Boundary IoU's band: this fraction of the image diagonal (Cheng et al. 2021's 0.02).
+    c.eval.boundary_dilation_ratio = 0.02
 
     c.log_every = 50
     c.eval_every = 500  # 0 = only at the end
@@ -224,6 +226,10 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
         raise ConfigError(
             f"{source}: config.eval.mode='slide' needs config.eval.window and config.eval.stride,"
             " e.g. --config.eval.window='(512, 1024)' --config.eval.stride='(341, 683)'")
+    if not 0 < config.eval.boundary_dilation_ratio <= 1:
+        raise ConfigError(f'{source}: config.eval.boundary_dilation_ratio='
+                          f'{config.eval.boundary_dilation_ratio!r}: expected a fraction of the '
+                          'image diagonal in (0, 1], e.g. 0.02')
     if config.data.builder is None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:

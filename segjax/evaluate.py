@@ -1,7 +1,8 @@
 """python -m segjax.evaluate --config <experiment> --workdir <dir> [--step N]
 
 Dataset-level metrics of a checkpoint on the config's eval split: prints a per-class table,
-writes <workdir>/eval/metrics.json and <workdir>/eval/confusion_matrix.png.
+writes <workdir>/eval/metrics.json and <workdir>/eval/confusion_matrix.png. The metrics: those of
+the confusion matrix (mIoU, accuracy, Dice, ...) and Boundary IoU (metrics.boundary_counts).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,10 +31,12 @@ PROGRESS_EVERY_S = 10.0
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, model, mesh):
-    """Jitted (state, global batch) -> replicated [C, C] confusion matrix."""
+    """Jitted (state, global batch) -> replicated counts (step.eval_step's dict), summed over
+    the global batch, so every process holds the counts of all hosts."""
     fn = functools.partial(step.eval_step, model=model, num_classes=config.data.num_classes,
                            ignore_index=config.data.ignore_index,
-                           inference_options=experiment.inference_options(config))
+                           inference_options=experiment.inference_options(config),
+                           boundary_dilation_ratio=config.eval.boundary_dilation_ratio)
     return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
@@ -57,37 +61,59 @@ def progress_line(done: int, total: int, elapsed: float) -> str:
 
 
 def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict, mesh,
-                         progress_every_s: float | None = PROGRESS_EVERY_S) -> np.ndarray:
-    """Streams the eval split through `eval_fn`; only the confusion matrix accumulates.
+                         progress_every_s: float | None = PROGRESS_EVERY_S):
+    """Streams the eval split through `eval_fn` and sums the counts it returns: int64 numpy
+    arrays in the same structure (make_eval_fn's dict of confusion matrix and Boundary IoU
+    counts, or a single array).
 
     Process 0 prints a progress line every `progress_every_s` seconds (None: never), and a last
     line with the time taken if it printed any.
     """
-    total = np.zeros((config.data.num_classes,) * 2, np.int64)
+    total = None
     num_images = builder.info.splits[config.data.eval_split].num_examples
     show = progress_every_s is not None and jax.process_index() == 0
     start = last_shown = time.time()
     done, shown = 0, False
     pending = None
     for i, batch in enumerate(eval_batches(builder, config)):
-        cm = eval_fn(state, sharding.to_global(batch, mesh))
-        pending = cm if pending is None else pending + cm
+        counts = eval_fn(state, sharding.to_global(batch, mesh))
+        pending = counts if pending is None else jax.tree.map(jnp.add, pending, counts)
         # Every process holds an equal share (its slice, padded): this one's count scaled.
         done = min(num_images, done + int(batch['valid'].sum()) * jax.process_count())
         if (i + 1) % FLUSH_EVERY == 0:
-            total += np.asarray(jax.device_get(pending), np.int64)
-            pending = None
+            total, pending = _add_to_host(total, pending), None
         if show and time.time() - last_shown >= progress_every_s:
             jax.block_until_ready(pending)  # count images evaluated, not only queued
             print(progress_line(done, num_images, time.time() - start), flush=True)
             last_shown, shown = time.time(), True
     if pending is not None:
-        total += np.asarray(jax.device_get(pending), np.int64)
+        total = _add_to_host(total, pending)
+    if total is None:
+        raise ValueError(f'config.data.eval_split={config.data.eval_split!r} has no examples '
+                         'to evaluate')
     if shown:
         elapsed = time.time() - start
         print(f'eval: {num_images:,} images in {logs.format_seconds(elapsed)} '
               f'({num_images / elapsed:.1f} img/s)', flush=True)
     return total
+
+
+def _add_to_host(total, pending):
+    """total + the device counts `pending`, as int64 numpy (total None: the first flush)."""
+    pending = jax.tree.map(lambda x: np.asarray(x, np.int64), jax.device_get(pending))
+    return pending if total is None else jax.tree.map(np.add, total, pending)
+
+
+def summarize_counts(counts: dict, class_names: Sequence[str] | None = None) -> dict:
+    """metrics.summarize of make_eval_fn's counts summed over a split (Boundary IoU included)."""
+    return metrics.summarize(counts['confusion_matrix'], class_names,
+                             boundary_intersection=counts['boundary_intersection'],
+                             boundary_union=counts['boundary_union'])
+
+
+def count_lists(counts: dict) -> dict:
+    """The summed counts as JSON lists, for metrics.json (summable across runs)."""
+    return {key: np.asarray(value).tolist() for key, value in counts.items()}
 
 
 def json_safe(value):
@@ -127,11 +153,14 @@ def main(argv: Sequence[str]) -> dict:
         builder = experiment.dataset_builder(config)
     except prepare.PrepareError as e:
         parser.exit(1, f'segjax.evaluate: error: {e}\n')
-    cm = confusion_over_split(state, make_eval_fn(config, model, mesh), builder, config, mesh)
+    counts = confusion_over_split(state, make_eval_fn(config, model, mesh), builder, config,
+                                  mesh)
     names = experiment.class_names(config)
-    summary = metrics.summarize(cm, names)
+    summary = summarize_counts(counts, names)
     result = {'step': int(state.step), 'split': config.data.eval_split, **summary,
-              'class_names': names, 'confusion_matrix': cm.tolist()}
+              'class_names': names, 'boundary_dilation_ratio': config.eval.boundary_dilation_ratio,
+              **count_lists(counts)}
+    cm = counts['confusion_matrix']
     if jax.process_index() == 0:
         print(metrics.format_table(summary, names))
         eval_dir = os.path.join(args.workdir, 'eval')

@@ -254,8 +254,22 @@ def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module,
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int,
-              ignore_index: int = 255, inference_options: dict | None = None) -> jax.Array:
-    """The batch's [C, C] confusion matrix; padded examples (valid False) count nowhere."""
+              ignore_index: int = 255, inference_options: dict | None = None,
+              boundary_dilation_ratio: float = metrics.BOUNDARY_DILATION_RATIO,
+              ) -> dict[str, jax.Array]:
+    """The batch's counts, each summable over batches, devices and hosts:
+
+      'confusion_matrix'       [C, C] (metrics.confusion_matrix)
+      'boundary_intersection'  [C]    (metrics.boundary_counts, band width d =
+      'boundary_union'         [C]     boundary_dilation_ratio x the batch's image diagonal)
+
+    Padded examples (valid False) count nowhere.
+    """
     pred = predict_step(state, batch['image'], model=model, inference_options=inference_options)
     label = jnp.where(batch['valid'][:, None, None], batch['label'], ignore_index)
-    return metrics.confusion_matrix(pred, label, num_classes, ignore_index=ignore_index)
+    height, width = label.shape[1:3]
+    dilation = metrics.boundary_dilation(height, width, boundary_dilation_ratio)
+    return {'confusion_matrix': metrics.confusion_matrix(pred, label, num_classes,
+                                                         ignore_index=ignore_index),
+            **metrics.boundary_counts(pred, label, num_classes, ignore_index,
+                                      dilation=dilation)}

@@ -31,7 +31,14 @@ from segjax import (
 )
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
-from segjax.evaluate import confusion_over_split, eval_batches, make_eval_fn, write_json
+from segjax.evaluate import (
+    confusion_over_split,
+    count_lists,
+    eval_batches,
+    make_eval_fn,
+    summarize_counts,
+    write_json,
+)
 from segjax.summary import SummaryWriter
 
 
@@ -150,19 +157,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = SummaryWriter(workdir)
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
-        cm = confusion_over_split(weights, eval_fn, builder, config, mesh)
-        summary = metrics.summarize(cm, names)
+        counts = confusion_over_split(weights, eval_fn, builder, config, mesh)
+        summary = summarize_counts(counts, names)
         writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in (
-            'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou')})
+            'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou', 'boundary_miou')})
         writer.scalars(step_number, {f'{prefix}/iou/{name}': iou for name, iou in zip(
             names, summary['per_class_iou'], strict=True)})
+        writer.scalars(step_number, {f'{prefix}/boundary_iou/{name}': iou for name, iou in zip(
+            names, summary['per_class_boundary_iou'], strict=True)})
         writer.images(step_number, f'{prefix}/input_truth_prediction', summary_images(
             weights, next(eval_batches(builder, config)), predict_fn, config, mesh))
         if is_main:
             print(f'eval{"" if prefix == "val" else " (EMA weights)"} @ {step_number}: '
                   f'mIoU {summary["miou"]:.4f} | pixel acc {summary["pixel_accuracy"]:.4f} | '
-                  f'mDice {summary["mdice"]:.4f}', flush=True)
-        return {'step': step_number, 'cm': cm, **summary}
+                  f'mDice {summary["mdice"]:.4f} | boundary mIoU {summary["boundary_miou"]:.4f}',
+                  flush=True)
+        return {'step': step_number, 'counts': counts, **summary}
 
     def run_eval(step_number: int) -> dict:
         result = evaluate_weights(state, step_number, 'val')
@@ -226,10 +236,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
     if last_eval is None:  # resumed an already finished run: evaluate what is there
         last_eval = run_eval(int(state.step))
-    result = {key: value for key, value in last_eval.items() if key != 'cm'}
+    result = {key: value for key, value in last_eval.items() if key != 'counts'}
     if 'ema' in result:
-        result['ema'] = {k: v for k, v in result['ema'].items() if k != 'cm'}
-    result.update(class_names=names, confusion_matrix=last_eval['cm'].tolist(),
+        result['ema'] = {k: v for k, v in result['ema'].items() if k != 'counts'}
+    result.update(class_names=names, **count_lists(last_eval['counts']),
                   skipped_steps=int(state.skipped_steps),
                   wall_seconds_this_run=time.time() - start_time)
     if is_main:

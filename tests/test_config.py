@@ -91,3 +91,10 @@ def test_nested_loss_terms_are_checked_and_can_take_new_options():
     with pytest.raises(config_lib.ConfigError, match="loss.terms.dice.smoth: dice_loss takes no "
                        "option 'smoth' \\(did you mean 'smooth'\\?\\)"):
         config_lib.load(path, ['loss.terms.dice.smoth=0.5'])
+
+
+def test_boundary_dilation_ratio_must_be_a_fraction():
+    config = config_lib.load(EXPERIMENT, ['eval.boundary_dilation_ratio=0.05'])
+    assert config.eval.boundary_dilation_ratio == 0.05
+    with pytest.raises(config_lib.ConfigError, match='boundary_dilation_ratio=0.0: expected'):
+        config_lib.load(EXPERIMENT, ['eval.boundary_dilation_ratio=0'])

@@ -58,8 +58,27 @@ def test_train_checkpoints_and_writes_metrics(trained):
     assert 0.0 <= metrics['miou'] <= 1.0
     assert len(metrics['per_class_iou']) == 8
     assert np.asarray(metrics['confusion_matrix']).sum() == 16 * 32 * 32  # every val pixel once
+    check_boundary_iou(metrics)
     events = [f for f in os.listdir(trained['workdir']) if f.startswith('events.out.tfevents')]
     assert events, 'TensorBoard event file written'
+    assert 'boundary mIoU' in trained['first']  # the eval line
+    # Protobuf keeps tags as plain bytes: the event files hold the Boundary IoU scalars.
+    tags = b''.join((trained['workdir'] / f).read_bytes() for f in events)
+    assert b'val/boundary_miou' in tags and b'val/boundary_iou/circle' in tags
+
+
+def check_boundary_iou(metrics):
+    """metrics.json's Boundary IoU: from its summed counts, bands within the class masks."""
+    cm = np.asarray(metrics['confusion_matrix'])
+    intersection = np.asarray(metrics['boundary_intersection'])
+    union = np.asarray(metrics['boundary_union'])
+    assert union.shape == (8,) and union.sum() > 0 and np.all(intersection <= union)
+    # Each band lies inside its class mask, so the union of the bands lies in the masks' union.
+    assert np.all(union <= cm.sum(0) + cm.sum(1) - np.diag(cm))
+    with np.errstate(invalid='ignore'):
+        expected = np.where(union > 0, intersection / union, np.nan)
+    np.testing.assert_allclose(np.asarray(metrics['per_class_boundary_iou'], float), expected)
+    np.testing.assert_allclose(metrics['boundary_miou'], np.nanmean(expected))
 
 
 def test_resume_continues_from_the_last_checkpoint(trained):
@@ -77,6 +96,11 @@ def test_evaluate_latest_and_given_step(trained):
     trained_metrics = json.loads((trained['workdir'] / 'metrics.json').read_text())
     # The same checkpoint evaluated twice (in training and standalone) gives the same matrix.
     assert metrics['confusion_matrix'] == trained_metrics['confusion_matrix']
+    assert 'boundary mIoU' in result.stdout and 'BIoU' in result.stdout
+    check_boundary_iou(metrics)
+    assert metrics['boundary_union'] == trained_metrics['boundary_union']
+    assert metrics['boundary_intersection'] == trained_metrics['boundary_intersection']
+    assert metrics['boundary_dilation_ratio'] == 0.02
     with Image.open(trained['workdir'] / 'eval' / 'confusion_matrix.png') as png:
         assert png.size[0] > 100
     result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],

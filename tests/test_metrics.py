@@ -1,4 +1,5 @@
-"""Confusion matrix and derived metrics against values computed by hand."""
+"""Confusion matrix, Boundary IoU and derived metrics against values computed by hand and
+against plain numpy/scipy references."""
 
 import math
 
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy import ndimage
 
-from segjax.metrics import confusion_matrix, format_table, summarize
+from segjax.metrics import (
+    boundary_counts,
+    boundary_dilation,
+    confusion_matrix,
+    format_table,
+    summarize,
+)
 
 # Tiny example, 4 classes (class 3 appears in neither ground truth nor prediction).
 # The last two pixels are excluded: label 255 (ignore) and label 7 (outside [0, 4)).
@@ -184,3 +192,216 @@ def test_format_table():
     assert 'mIoU' in table and 'fwIoU' in table
     # Without names, the summary's names (or indices) are used.
     assert 'bird' in format_table(summarize(GOLDEN_CM, names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundary IoU.
+
+
+def reference_inner_band(mask: np.ndarray, dilation: int) -> np.ndarray:
+    """boundary_iou_api's mask_to_boundary, line by line in scipy: pad by one 0 pixel
+    (cv2.copyMakeBorder), erode d times with a 3x3 square whose outside never erodes (cv2.erode's
+    default border), crop, and keep the mask minus its erosion."""
+    padded = np.pad(mask.astype(bool), 1, constant_values=False)
+    eroded = ndimage.binary_erosion(padded, structure=np.ones((3, 3), bool), iterations=dilation,
+                                    border_value=1)[1:-1, 1:-1]
+    return mask.astype(bool) & ~eroded
+
+
+def reference_boundary_counts(pred, label, num_classes, dilation, ignore_index=255):
+    """Per image and class: the inner bands of the class masks (pixels not evaluated belong to no
+    mask), then intersection and union of the bands, summed over images."""
+    intersection = np.zeros(num_classes, np.int64)
+    union = np.zeros(num_classes, np.int64)
+    for p, t in zip(pred.reshape(-1, *pred.shape[-2:]), label.reshape(-1, *label.shape[-2:]),
+                    strict=True):
+        evaluated = ((t != ignore_index) & (t >= 0) & (t < num_classes) & (p >= 0)
+                     & (p < num_classes))
+        for c in range(num_classes):
+            truth = reference_inner_band((t == c) & evaluated, dilation)
+            predicted = reference_inner_band((p == c) & evaluated, dilation)
+            intersection[c] += np.sum(truth & predicted)
+            union[c] += np.sum(truth | predicted)
+    return intersection, union
+
+
+def random_blobs(rng, shape, num_classes, sigma=2.0):
+    """Label maps of smooth blobs: argmax over classes of smoothed noise."""
+    noise = rng.normal(size=(*shape, num_classes))
+    smooth = ndimage.gaussian_filter(noise, sigma=(0,) * (len(shape) - 2) + (sigma, sigma, 0))
+    return smooth.argmax(-1).astype(np.int32)
+
+
+def square_and_shifted_square():
+    """8x8, class 1 a 6x6 square at rows/cols 1..6 (truth) and at cols 2..7 (prediction)."""
+    label = np.zeros((8, 8), np.int32)
+    label[1:7, 1:7] = 1
+    pred = np.zeros((8, 8), np.int32)
+    pred[1:7, 2:8] = 1
+    return pred, label
+
+
+def test_boundary_dilation_follows_the_reference():
+    # max(1, round(0.02 * diagonal)): Cityscapes 1024x2048 (45.8), 512x512 (14.5), tiny (0.3).
+    assert boundary_dilation(1024, 2048) == 46
+    assert boundary_dilation(512, 512) == 14
+    assert boundary_dilation(375, 500) == 12
+    assert boundary_dilation(13, 11) == 1
+    assert boundary_dilation(30, 40, ratio=0.1) == 5
+    with pytest.raises(ValueError, match='ratio must be > 0'):
+        boundary_dilation(10, 10, ratio=0.0)
+
+
+def test_golden_boundary_counts_square_vs_shifted_square():
+    pred, label = square_and_shifted_square()
+    counts = boundary_counts(pred, label, 2, dilation=1)
+    # Class 1, d=1: each square's band is its ring of 36 - 16 = 20 pixels (the shifted square
+    # touches the image border, which is a contour); the rings share rows 1 and 6 at cols 2..6:
+    # 10 pixels. Class 0: every background pixel is within 1 of the border or of the square, in
+    # truth (28) and prediction (28); both are 0 on rows 0 and 7 and col 0: 16 + 6 = 22.
+    np.testing.assert_array_equal(counts['boundary_intersection'], [22, 10])
+    np.testing.assert_array_equal(counts['boundary_union'], [28 + 28 - 22, 20 + 20 - 10])
+    s = summarize(confusion_matrix(pred, label, 2), **counts)
+    assert_close(s['per_class_boundary_iou'], [22 / 34, 1 / 3])
+    assert_close(s['boundary_miou'], (22 / 34 + 1 / 3) / 2)
+    # With d=2 the class-1 bands are the squares minus their 2x2 centres (rows 3..4, cols 3..4
+    # and cols 4..5): 32 each. They share the squares' overlap (rows 1..6, cols 2..6: 30) but
+    # rows 3..4 at cols 3..5, where one of them is centre: 24.
+    counts = boundary_counts(pred, label, 2, dilation=2)
+    assert int(counts['boundary_intersection'][1]) == 24
+    assert int(counts['boundary_union'][1]) == 32 + 32 - 24
+
+
+def test_perfect_prediction_has_boundary_iou_one():
+    label = random_blobs(np.random.default_rng(3), (2, 20, 30), 4)
+    counts = boundary_counts(label, label, 4, dilation=3)
+    np.testing.assert_array_equal(counts['boundary_intersection'], counts['boundary_union'])
+    assert_close(summarize(confusion_matrix(label, label, 4), **counts)['boundary_miou'], 1.0)
+
+
+@pytest.mark.parametrize('dilation', [1, 2, 3, 5, 40])
+def test_boundary_counts_match_the_reference_on_random_blobs(dilation):
+    rng = np.random.default_rng(dilation)
+    label = random_blobs(rng, (3, 23, 37), 5)
+    label[0, 5:12, 8:20] = 255  # an ignored region
+    label[1][rng.random((23, 37)) < 0.05] = 255  # scattered ignored pixels
+    label[2, 0, :] = 7  # a label outside [0, C): not evaluated either
+    pred = random_blobs(rng, (3, 23, 37), 5, sigma=3.0)
+    counts = jax.jit(boundary_counts, static_argnames=('num_classes', 'dilation'))(
+        pred, label, num_classes=5, dilation=dilation)
+    intersection, union = reference_boundary_counts(pred, label, 5, dilation)
+    np.testing.assert_array_equal(counts['boundary_intersection'], intersection)
+    np.testing.assert_array_equal(counts['boundary_union'], union)
+    assert counts['boundary_union'].dtype == jnp.int32
+
+
+def test_default_dilation_matches_the_reference_at_realistic_size():
+    rng = np.random.default_rng(4)
+    label = random_blobs(rng, (1, 150, 200), 6, sigma=8.0)
+    pred = random_blobs(rng, (1, 150, 200), 6, sigma=8.0)
+    dilation = boundary_dilation(150, 200)  # 5
+    counts = boundary_counts(pred, label, 6, dilation=dilation)
+    intersection, union = reference_boundary_counts(pred, label, 6, dilation)
+    np.testing.assert_array_equal(counts['boundary_intersection'], intersection)
+    np.testing.assert_array_equal(counts['boundary_union'], union)
+
+
+def test_boundary_counts_of_batches_sum_to_the_whole():
+    rng = np.random.default_rng(5)
+    label = random_blobs(rng, (4, 16, 20), 3)
+    pred = random_blobs(rng, (4, 16, 20), 3)
+    whole = boundary_counts(pred, label, 3, dilation=2)
+    halves = [boundary_counts(pred[i:i + 2], label[i:i + 2], 3, dilation=2) for i in (0, 2)]
+    for key in ('boundary_intersection', 'boundary_union'):
+        np.testing.assert_array_equal(whole[key], halves[0][key] + halves[1][key])
+
+
+def test_ignored_pixels_belong_to_no_mask_and_count_nowhere():
+    # A 5x5 image of class 1 cut by an ignored column: two 5x2 truth masks, every pixel in their
+    # d=1 band (20). The prediction (class 1 everywhere) is cut the same way, so it matches;
+    # were it left whole, its band would be its 16-pixel ring and Boundary IoU 14/22.
+    label = np.ones((5, 5), np.int32)
+    label[:, 2] = 255
+    pred = np.ones((5, 5), np.int32)
+    counts = boundary_counts(pred, label, 2, dilation=1)
+    np.testing.assert_array_equal(counts['boundary_intersection'], [0, 20])
+    np.testing.assert_array_equal(counts['boundary_union'], [0, 20])
+    # Whatever is predicted on ignored pixels changes nothing.
+    pred[:, 2] = 0
+    counts = boundary_counts(pred, label, 2, dilation=1)
+    np.testing.assert_array_equal(counts['boundary_intersection'], [0, 20])
+    np.testing.assert_array_equal(counts['boundary_union'], [0, 20])
+
+
+def test_padding_with_ignore_or_masking_changes_no_count():
+    # Ignored padding acts like the image border (a contour), as in the reference; so does a
+    # False mask, e.g. the invalid filler examples of the last eval batch.
+    rng = np.random.default_rng(6)
+    label = random_blobs(rng, (2, 13, 11), 4)
+    pred = random_blobs(rng, (2, 13, 11), 4)
+    plain = boundary_counts(pred, label, 4, dilation=2)
+    padded_label = np.full((3, 16, 24), 255, np.int32)
+    padded_label[:2, :13, :11] = label
+    padded_pred = rng.integers(0, 4, (3, 16, 24)).astype(np.int32)
+    padded_pred[:2, :13, :11] = pred
+    padded = boundary_counts(padded_pred, padded_label, 4, dilation=2)
+    mask = np.zeros((3, 16, 24), bool)
+    mask[:2, :13, :11] = True
+    masked = boundary_counts(padded_pred, np.where(mask, padded_label, 0), 4, dilation=2,
+                             mask=mask)
+    for key in ('boundary_intersection', 'boundary_union'):
+        np.testing.assert_array_equal(padded[key], plain[key])
+        np.testing.assert_array_equal(masked[key], plain[key])
+
+
+def test_boundary_iou_absent_class_is_nan_and_left_out_of_the_mean():
+    pred, label = square_and_shifted_square()
+    counts = boundary_counts(pred, label, 4, dilation=1)  # classes 2 and 3 appear nowhere
+    s = summarize(confusion_matrix(pred, label, 4), **counts)
+    assert_close(s['per_class_boundary_iou'], [22 / 34, 1 / 3, NAN, NAN])
+    assert_close(s['boundary_miou'], (22 / 34 + 1 / 3) / 2)
+    # Class 2 predicted but absent from truth: 0, and it counts in the mean.
+    pred[0, 0] = 2
+    s = summarize(confusion_matrix(pred, label, 4), **boundary_counts(pred, label, 4, dilation=1))
+    assert s['per_class_boundary_iou'][2] == 0.0 and math.isnan(s['per_class_boundary_iou'][3])
+    assert_close(s['boundary_miou'], np.nanmean(s['per_class_boundary_iou']))
+
+
+def test_boundary_iou_is_optional_and_needs_both_counts():
+    assert 'boundary_miou' not in summarize(GOLDEN_CM)
+    assert 'BIoU' not in format_table(summarize(GOLDEN_CM))
+    with pytest.raises(ValueError, match='needs both'):
+        summarize(GOLDEN_CM, boundary_intersection=np.zeros(4))
+    with pytest.raises(ValueError, match=r'shape \(4,\)'):
+        summarize(GOLDEN_CM, boundary_intersection=np.zeros(3), boundary_union=np.ones(3))
+    with pytest.raises(ValueError, match='intersection <= union'):
+        summarize(GOLDEN_CM, boundary_intersection=np.full(4, 2), boundary_union=np.ones(4))
+    with pytest.raises(ValueError, match='one shape'):
+        boundary_counts(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)), 3, dilation=1)
+
+
+def test_format_table_shows_boundary_iou():
+    pred, label = square_and_shifted_square()
+    summary = summarize(confusion_matrix(pred, label, 2),
+                        **boundary_counts(pred, label, 2, dilation=1))
+    table = format_table(summary, ['background', 'square'])
+    assert 'BIoU' in table.splitlines()[0]
+    assert table.splitlines()[3].split()[-1] == '33.33'  # the square's Boundary IoU in %
+    assert 'boundary mIoU' in table and f'{100 * summary["boundary_miou"]:.2f}' in table
+
+
+def test_boundary_counts_sharded_over_8_devices_match_the_reference():
+    if jax.device_count() < 8:
+        pytest.skip('needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P('data'))
+    rng = np.random.default_rng(7)
+    label = random_blobs(rng, (16, 12, 10), 3)
+    label[rng.random(label.shape) < 0.05] = 255
+    pred = random_blobs(rng, (16, 12, 10), 3)
+    counts = jax.jit(boundary_counts, static_argnames=('num_classes', 'dilation'))(
+        jax.device_put(pred, sharding), jax.device_put(label, sharding), num_classes=3,
+        dilation=2)
+    intersection, union = reference_boundary_counts(pred, label, 3, 2)
+    np.testing.assert_array_equal(np.asarray(counts['boundary_intersection']), intersection)
+    np.testing.assert_array_equal(np.asarray(counts['boundary_union']), union)
