@@ -218,7 +218,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                                   'missing')
             del opts['lr']  # the schedule's peak value, not an option of the optimizer
         check_options(fn, opts, f'{source}: config.{section}', section)
-        _check_nested_callables(config[section], f'{source}: config.{section}')
+        _check_nested_callables(config[section], f'{source}: config.{section}', section)
     if config.eval.mode not in ('whole', 'slide'):
         raise ConfigError(f"{source}: config.eval.mode={config.eval.mode!r}: expected 'whole' or "
                           "'slide'")
@@ -236,15 +236,16 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
         raise ConfigError(f'{source}: config.data.num_classes must be >= 2')
 
 
-def _check_nested_callables(node, where: str) -> None:
+def _check_nested_callables(node, where: str, section: str) -> None:
     """Options of callables nested in a section (e.g. the terms of losses.weighted_sum), given
-    as {'fn': f, 'weight': w, **options}, are checked against f's signature too."""
+    as {'fn': f, 'weight': w, **options}, are checked against f's signature too, with what
+    segjax passes a callable of that section itself."""
     for key, value in node.items():
         if isinstance(value, ml_collections.ConfigDict):
             if callable(value.get('fn')):
                 nested = {k: v for k, v in options(value).items() if k != 'weight'}
-                check_options(value['fn'], nested, f'{where}.{key}', 'loss')
-            _check_nested_callables(value, f'{where}.{key}')
+                check_options(value['fn'], nested, f'{where}.{key}', section)
+            _check_nested_callables(value, f'{where}.{key}', section)
 
 
 def _check_known(config, reference, prefix: str, source: str) -> None:
