@@ -36,8 +36,11 @@ Batch = dict[str, np.ndarray]
 def _read_encoded(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
     """The split's {'image', 'label'} as encoded bytes, in a fixed order."""
     skip = tfds.decode.SkipDecoding()
+    # No TFDS auto-cache: training caches explicitly, and a cached split read in part (the
+    # first eval batch for summary images) makes tf.data warn on every evaluation.
     ds = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={'image': skip, 'label': skip}
+        split=split, shuffle_files=False, decoders={'image': skip, 'label': skip},
+        read_config=tfds.ReadConfig(try_autocache=False),
     )
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
