@@ -13,6 +13,7 @@ import ast
 import difflib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -97,6 +98,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval.flip = False  # also average the horizontally flipped image
     # Boundary IoU's band: this fraction of the image diagonal (Cheng et al. 2021's 0.02).
     c.eval.boundary_dilation_ratio = 0.02
+    # Dense CRF (segjax.crf.dense_crf) after inference, on the un-normalised image; defaults
+    # DeepLab-CRF-LargeFOV's. iterations = 0 turns it off; DeepLab ran 10.
+    c.eval.crf = ml_collections.ConfigDict()
+    c.eval.crf.iterations = 0  # mean-field iterations; 0 = no CRF
+    c.eval.crf.appearance_weight = 4.0  # w1: Gaussian in position and RGB
+    c.eval.crf.theta_alpha = 121.0  # appearance kernel's position scale (pixels)
+    c.eval.crf.theta_beta = 5.0  # appearance kernel's colour scale (0..255 levels)
+    c.eval.crf.smoothness_weight = 3.0  # w2: Gaussian in position only
+    c.eval.crf.theta_gamma = 3.0  # smoothness kernel's position scale (pixels)
 
     c.log_every = 50
     c.eval_every = 500  # 0 = only at the end
@@ -230,10 +240,27 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
         raise ConfigError(f'{source}: config.eval.boundary_dilation_ratio='
                           f'{config.eval.boundary_dilation_ratio!r}: expected a fraction of the '
                           'image diagonal in (0, 1], e.g. 0.02')
+    check_crf(config.eval.crf, f'{source}: config.eval.crf')
     if config.data.builder is None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:
         raise ConfigError(f'{source}: config.data.num_classes must be >= 2')
+
+
+def check_crf(crf: ml_collections.ConfigDict, where: str = 'config.eval.crf') -> None:
+    """Raises ConfigError for a dense-CRF setting segjax.crf.dense_crf cannot use."""
+    iterations = crf.iterations
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ConfigError(f'{where}.iterations={iterations!r}: expected an integer >= 0 '
+                          '(0 = no CRF; DeepLab used 10)')
+    for key in ('appearance_weight', 'smoothness_weight', 'theta_alpha', 'theta_beta',
+                'theta_gamma'):
+        value, positive = crf[key], key.startswith('theta')  # a zero weight drops a kernel
+        number = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value))
+        if not number or value < 0 or (positive and value == 0):
+            raise ConfigError(f'{where}.{key}={value!r}: expected a finite number '
+                              f'{"> 0" if positive else ">= 0"}')
 
 
 def _check_nested_callables(node, where: str, section: str) -> None:

@@ -1,13 +1,22 @@
-"""python -m segjax.evaluate --config <experiment> --workdir <dir> [--step N]
+"""python -m segjax.evaluate --config <experiment> --workdir <dir> [--step N] [--crf_grid GRID]
 
 Dataset-level metrics of a checkpoint on the config's eval split: prints a per-class table,
 writes <workdir>/eval/metrics.json and <workdir>/eval/confusion_matrix.png. The metrics: those of
 the confusion matrix (mIoU, accuracy, Dice, ...) and Boundary IoU (metrics.boundary_counts).
+
+With --crf_grid 'appearance_weight=3,4,5;theta_alpha=60,121' it searches the dense CRF's
+parameters instead (DeepLab's way of setting them): the split is evaluated without the CRF, then
+once per combination of the listed config.eval.crf values (the others from the config), printing
+mIoU and boundary mIoU for each and the best setting as --config.eval.crf.* overrides; the
+results go to <workdir>/eval/crf_grid.json. The weights are traced, so settings that differ only
+in weights share one compiled program; each iterations/theta_* value compiles its own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -140,10 +149,105 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+# config.eval.crf's keys that are traced (one compiled program for all their values).
+CRF_WEIGHTS = ('appearance_weight', 'smoothness_weight')
+
+
+def parse_crf_grid(text: str, crf: ml_collections.ConfigDict) -> list[dict]:
+    """'a=1,2;b=3' -> every combination as config.eval.crf with those keys replaced, each
+    checked by config.check_crf; a ConfigError names a bad key or value."""
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(';'))):
+        key, _, values = part.partition('=')
+        key = key.strip()
+        if key not in crf:
+            raise config_lib.ConfigError(
+                f'--crf_grid: unknown key {key!r}; expected some of {sorted(crf.keys())}')
+        cast = int if key == 'iterations' else float
+        try:
+            axes.append([(key, cast(v)) for v in values.split(',')])
+        except ValueError:
+            raise config_lib.ConfigError(
+                f'--crf_grid: {part!r}: expected {key}=<{cast.__name__}>,<{cast.__name__}>,...'
+            ) from None
+    if not axes:
+        raise config_lib.ConfigError(f"--crf_grid {text!r}: expected 'key=v1,v2;key=v1,...'")
+    settings = []
+    for combination in itertools.product(*axes):
+        setting = crf.copy_and_resolve_references()
+        setting.update(dict(combination))
+        config_lib.check_crf(setting, f'--crf_grid {dict(combination)}')
+        if setting.iterations == 0:
+            raise config_lib.ConfigError(
+                '--crf_grid: iterations is 0 (no CRF); list it in the grid or set '
+                '--config.eval.crf.iterations (DeepLab: 10)')
+        settings.append(setting.to_dict())
+    return settings
+
+
+def make_crf_eval_fn(config: ml_collections.ConfigDict, model, mesh, static: dict):
+    """Jitted (state, global batch, weights) -> counts as make_eval_fn's with the CRF at the
+    static options `static` (iterations, theta_*) and the traced `weights` (CRF_WEIGHTS)."""
+    options = experiment.inference_options(config, crf=False) or {}
+    normalisation = {'mean': tuple(config.data.mean), 'std': tuple(config.data.std)}
+
+    def fn(state, batch, weights):
+        crf = {**static, **weights, **normalisation}
+        return step.eval_step(state, batch, model=model, num_classes=config.data.num_classes,
+                              ignore_index=config.data.ignore_index,
+                              inference_options={**options, 'crf': crf},
+                              boundary_dilation_ratio=config.eval.boundary_dilation_ratio)
+
+    return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+def crf_grid_search(state, model, builder, config: ml_collections.ConfigDict, mesh,
+                    settings: Sequence[dict]) -> list[dict]:
+    """[{'crf': setting or None (no CRF), 'miou', 'boundary_miou'}] on the eval split, the
+    no-CRF baseline first; process 0 prints a line per setting as it finishes."""
+    plain = copy.deepcopy(config)
+    plain.eval.crf.iterations = 0
+    runs = [(None, make_eval_fn(plain, model, mesh))]
+    compiled = {}
+    for setting in settings:
+        static = {k: v for k, v in setting.items() if k not in CRF_WEIGHTS}
+        key = tuple(sorted(static.items()))
+        if key not in compiled:
+            compiled[key] = make_crf_eval_fn(config, model, mesh, static)
+        weights = {k: jnp.float32(setting[k]) for k in CRF_WEIGHTS}
+        runs.append((setting, functools.partial(compiled[key], weights=weights)))
+    results = []
+    for setting, eval_fn in runs:
+        summary = summarize_counts(confusion_over_split(state, eval_fn, builder, config, mesh,
+                                                        progress_every_s=None))
+        results.append({'crf': setting, 'miou': summary['miou'],
+                        'boundary_miou': summary['boundary_miou']})
+        if jax.process_index() == 0:
+            name = ('no CRF' if setting is None
+                    else ' '.join(f'{k}={v:g}' for k, v in setting.items()))
+            print(f'crf grid: {name} | mIoU {summary["miou"]:.4f} | boundary mIoU '
+                  f'{summary["boundary_miou"]:.4f}', flush=True)
+    return results
+
+
+def crf_overrides(setting: dict) -> str:
+    """The command-line overrides that select `setting`."""
+    return ' '.join(f'--config.eval.crf.{k}={v}' for k, v in setting.items())
+
+
 def main(argv: Sequence[str]) -> dict:
     parser = config_lib.argument_parser('segjax.evaluate', __doc__.splitlines()[2])
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+    parser.add_argument('--crf_grid', default=None,
+                        help="search config.eval.crf instead: 'appearance_weight=3,4,5;"
+                        "theta_alpha=60,121' (every combination; see the module docstring)")
     args, config = config_lib.parse(parser, argv)
+    settings = None
+    if args.crf_grid is not None:
+        try:
+            settings = parse_crf_grid(args.crf_grid, config.eval.crf)
+        except config_lib.ConfigError as e:
+            parser.exit(2, f'segjax.evaluate: error: {e}\n')
     mesh = sharding.make_mesh()
     try:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
@@ -153,6 +257,8 @@ def main(argv: Sequence[str]) -> dict:
         builder = experiment.dataset_builder(config)
     except prepare.PrepareError as e:
         parser.exit(1, f'segjax.evaluate: error: {e}\n')
+    if settings is not None:
+        return search_and_report(state, model, builder, config, mesh, settings, args.workdir)
     counts = confusion_over_split(state, make_eval_fn(config, model, mesh), builder, config,
                                   mesh)
     names = experiment.class_names(config)
@@ -167,6 +273,19 @@ def main(argv: Sequence[str]) -> dict:
         write_json(os.path.join(eval_dir, 'metrics.json'), result)
         visualize.plot_confusion_matrix(cm, names, os.path.join(eval_dir, 'confusion_matrix.png'))
         print(f'wrote {eval_dir}/metrics.json and {eval_dir}/confusion_matrix.png')
+    return result
+
+
+def search_and_report(state, model, builder, config, mesh, settings, workdir: str) -> dict:
+    """crf_grid_search, then the best setting (by mIoU) printed and all written as JSON."""
+    results = crf_grid_search(state, model, builder, config, mesh, settings)
+    best = max(results[1:], key=lambda r: r['miou'])
+    result = {'step': int(state.step), 'split': config.data.eval_split, 'results': results,
+              'best': best}
+    if jax.process_index() == 0:
+        print(f'crf grid: best mIoU {best["miou"]:.4f} (no CRF {results[0]["miou"]:.4f}): '
+              f'{crf_overrides(best["crf"])}')
+        write_json(os.path.join(workdir, 'eval', 'crf_grid.json'), result)
     return result
 
 

@@ -48,15 +48,27 @@ def make_loss(config: ml_collections.ConfigDict) -> Callable:
                              **config_lib.options(config.loss))
 
 
-def inference_options(config: ml_collections.ConfigDict) -> dict | None:
-    """Keyword options for inference.probabilities, or None for one plain whole-image pass."""
+def inference_options(config: ml_collections.ConfigDict, *, crf: bool = True) -> dict | None:
+    """Keyword options of step.predict_step's inference: those of inference.probabilities
+    (absent for one plain whole-image pass) and, under 'crf' when config.eval.crf.iterations > 0
+    and `crf`, crf_options(config); None when all are off."""
     options = config.eval
-    if options.mode == 'whole' and tuple(options.scales) == (1.0,) and not options.flip:
-        return None
-    return {'mode': options.mode, 'scales': tuple(options.scales), 'flip': options.flip,
-            'window': None if options.window is None else tuple(options.window),
-            'stride': None if options.stride is None else tuple(options.stride),
-            'window_batch': options.window_batch}
+    result = {}
+    if not (options.mode == 'whole' and tuple(options.scales) == (1.0,) and not options.flip):
+        result = {'mode': options.mode, 'scales': tuple(options.scales), 'flip': options.flip,
+                  'window': None if options.window is None else tuple(options.window),
+                  'stride': None if options.stride is None else tuple(options.stride),
+                  'window_batch': options.window_batch}
+    if crf and options.crf.iterations > 0:
+        result['crf'] = crf_options(config)
+    return result or None
+
+
+def crf_options(config: ml_collections.ConfigDict) -> dict:
+    """segjax.crf.dense_crf's keyword options from config.eval.crf, plus the 'mean' and 'std'
+    (config.data's) that un-normalise the images back to RGB 0..255 for its appearance kernel."""
+    return {**config.eval.crf.to_dict(), 'mean': tuple(config.data.mean),
+            'std': tuple(config.data.std)}
 
 
 def palette(config: ml_collections.ConfigDict) -> np.ndarray:

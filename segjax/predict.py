@@ -2,7 +2,11 @@
 
 Segments images with a checkpoint. For each input image `name.ext` it writes `name_mask.png`
 (class index per pixel), `name_color.png` (the classes in the palette's colours) and
-`name_overlay.png` (the colours blended over the image).
+`name_overlay.png` (the colours blended over the image). With the dense CRF on
+(--config.eval.crf.iterations=10) those are the CRF's, and the same network pass without it is
+written beside them as `name_nocrf_mask.png`, `name_nocrf_color.png` and `name_nocrf_overlay.png`,
+plus `name_crf_compare.png`: the image, the overlay without and the overlay with the CRF, side by
+side.
 """
 
 from __future__ import annotations
@@ -57,12 +61,23 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
 
 
 def write_outputs(output_dir: str, name: str, image: np.ndarray, mask: np.ndarray,
-                  palette: np.ndarray) -> None:
+                  palette: np.ndarray) -> np.ndarray:
+    """Writes name_mask/_color/_overlay.png; returns the overlay."""
     color = visualize.color_mask(mask, palette)
+    overlay = visualize.overlay(image, color)
     Image.fromarray(mask.astype(np.uint8)).save(os.path.join(output_dir, f'{name}_mask.png'))
     Image.fromarray(color).save(os.path.join(output_dir, f'{name}_color.png'))
-    Image.fromarray(visualize.overlay(image, color)).save(
-        os.path.join(output_dir, f'{name}_overlay.png'))
+    Image.fromarray(overlay).save(os.path.join(output_dir, f'{name}_overlay.png'))
+    return overlay
+
+
+def write_crf_comparison(output_dir: str, name: str, image: np.ndarray, mask: np.ndarray,
+                         mask_without_crf: np.ndarray, palette: np.ndarray) -> None:
+    """name_* (with the CRF), name_nocrf_* and name_crf_compare.png: image | without | with."""
+    with_crf = write_outputs(output_dir, name, image, mask, palette)
+    without_crf = write_outputs(output_dir, f'{name}_nocrf', image, mask_without_crf, palette)
+    Image.fromarray(np.concatenate([image, without_crf, with_crf], axis=1)).save(
+        os.path.join(output_dir, f'{name}_crf_compare.png'))
 
 
 def main(argv: Sequence[str]) -> list[str]:
@@ -78,9 +93,12 @@ def main(argv: Sequence[str]) -> list[str]:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
     except (InputError, FileNotFoundError) as e:
         parser.exit(1, f'segjax.predict: error: {e}\n')
+    options = experiment.inference_options(config)
+    compare_crf = options is not None and 'crf' in options
+    # With the CRF on, one network pass gives the masks with and without it.
     predict_fn = jax.jit(functools.partial(
-        step.predict_step, model=model,
-        inference_options=experiment.inference_options(config)))
+        step.predict_with_and_without_crf if compare_crf else step.predict_step, model=model,
+        inference_options=options))
     palette = experiment.palette(config)
     os.makedirs(args.output, exist_ok=True)
     written = []
@@ -88,13 +106,18 @@ def main(argv: Sequence[str]) -> list[str]:
         # One image at a time, replicated: sizes differ and a batch of one cannot be split.
         batch = jax.device_put(normalize(image, config.data.mean, config.data.std)[None],
                                sharding.replicated(mesh))
-        mask = np.asarray(jax.device_get(predict_fn(state, batch)))[0]
+        masks = [np.asarray(m)[0] for m in jax.tree.leaves(jax.device_get(
+            predict_fn(state, batch)))]
         name = os.path.splitext(os.path.basename(path))[0]
-        if jax.process_index() == 0:
-            write_outputs(args.output, name, image, mask, palette)
+        if jax.process_index() == 0 and compare_crf:
+            write_crf_comparison(args.output, name, image, *masks, palette)
+        elif jax.process_index() == 0:
+            write_outputs(args.output, name, image, masks[0], palette)
         written.append(name)
     if jax.process_index() == 0:
-        print(f'wrote {len(written)} x (mask, color, overlay) PNGs to {args.output}')
+        kinds = ('mask, color, overlay with and without CRF, crf_compare' if compare_crf
+                 else 'mask, color, overlay')
+        print(f'wrote {len(written)} x ({kinds}) PNGs to {args.output}')
     return written
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segjax import inference, losses, metrics
+from segjax import crf, inference, losses, metrics
 
 
 @flax.struct.dataclass
@@ -237,20 +237,63 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     return new_state, stats
 
 
-def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module,
-                 inference_options: dict | None = None) -> jax.Array:
-    """Class index per pixel, [B,H,W] int32; `inference_options` (see inference.probabilities)
-    selects whole-image or sliding-window inference and multi-scale/flip test-time
-    augmentation; None runs the model once on the whole image."""
+def _split_crf(inference_options: dict | None) -> tuple[dict, dict | None]:
+    """(inference.probabilities' options, the CRF's options or None)."""
+    options = dict(inference_options or {})
+    return options, options.pop('crf', None)
+
+
+def network_scores(state: TrainState, images: jax.Array, *, model: nn.Module,
+                   options: dict) -> jax.Array:
+    """[B,H,W,C] float32: the logits of one whole-image pass (`options` empty), else the class
+    probabilities of inference.probabilities(**options) (sliding window, multi-scale + flip)."""
 
     def apply_fn(x):
         return main_logits(model.apply(_variables(state), x, train=False))
 
-    if inference_options is None:
-        scores = apply_fn(images)
-    else:
-        scores = inference.probabilities(apply_fn, images, **inference_options)
+    if not options:
+        return apply_fn(images).astype(jnp.float32)
+    return inference.probabilities(apply_fn, images, **options)
+
+
+def crf_refined(scores: jax.Array, images: jax.Array, crf_options: dict, *,
+                probabilities: bool) -> jax.Array:
+    """log Q [B,H,W,C] of segjax.crf.dense_crf on `scores` (logits, or class probabilities
+    whose log is the unary) and the normalised `images` mapped back to RGB 0..255 with
+    crf_options' 'mean' and 'std'; its other entries are dense_crf's keyword options."""
+    options = dict(crf_options)
+    mean = jnp.asarray(options.pop('mean'), jnp.float32)
+    std = jnp.asarray(options.pop('std'), jnp.float32)
+    rgb = images.astype(jnp.float32) * std + mean
+    # A probability that underflowed to 0 would make the unary -inf.
+    unary = jnp.log(jnp.maximum(scores, jnp.finfo(jnp.float32).tiny)) if probabilities else scores
+    return crf.dense_crf(unary, rgb, **options)
+
+
+def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module,
+                 inference_options: dict | None = None) -> jax.Array:
+    """Class index per pixel, [B,H,W] int32. `inference_options` (experiment.inference_options)
+    selects whole-image or sliding-window inference and multi-scale/flip test-time
+    augmentation (inference.probabilities' options), then, under 'crf', dense CRF refinement
+    (crf_refined); None runs the model once on the whole image."""
+    options, crf_options = _split_crf(inference_options)
+    scores = network_scores(state, images, model=model, options=options)
+    if crf_options is not None:
+        scores = crf_refined(scores, images, crf_options, probabilities=bool(options))
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def predict_with_and_without_crf(state: TrainState, images: jax.Array, *, model: nn.Module,
+                                 inference_options: dict) -> tuple[jax.Array, jax.Array]:
+    """(predict_step's classes with the CRF, the same network pass's classes without it)."""
+    options, crf_options = _split_crf(inference_options)
+    if crf_options is None:
+        raise ValueError("inference_options hold no 'crf' options (config.eval.crf.iterations "
+                         'is 0)')
+    scores = network_scores(state, images, model=model, options=options)
+    refined = crf_refined(scores, images, crf_options, probabilities=bool(options))
+    return (jnp.argmax(refined, axis=-1).astype(jnp.int32),
+            jnp.argmax(scores, axis=-1).astype(jnp.int32))
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int,

@@ -164,3 +164,39 @@ def test_evaluate_and_predict_with_sliding_window_and_tta(trained):
     bad = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
                   *tiny_overrides(trained['data_dir']), '--config.eval.mode=slide', check=False)
     assert bad.returncode == 2 and 'needs config.eval.window' in bad.stderr
+
+
+def test_predict_with_crf_writes_both_and_evaluate_searches_the_crf(trained):
+    crf = ['--config.eval.crf.iterations=2']
+    inputs = trained['root'] / 'crf_images'
+    inputs.mkdir()
+    image = np.random.default_rng(1).integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    Image.fromarray(image).save(inputs / 'c.png')
+    out = trained['root'] / 'crf_predictions'
+    result = run_cli('segjax.predict', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                     '--input', inputs, '--output', out, *tiny_overrides(trained['data_dir']),
+                     *crf)
+    assert 'with and without CRF' in result.stdout
+    for name in ('c_mask', 'c_nocrf_mask'):
+        with Image.open(out / f'{name}.png') as mask:
+            assert np.asarray(mask).shape == (24, 20) and np.asarray(mask).max() < 8
+    with Image.open(out / 'c_crf_compare.png') as compare:  # image | without | with
+        compare = np.asarray(compare)
+    assert compare.shape == (24, 60, 3)
+    np.testing.assert_array_equal(compare[:, :20], image)
+    with Image.open(out / 'c_nocrf_overlay.png') as overlay:
+        np.testing.assert_array_equal(compare[:, 20:40], np.asarray(overlay))
+
+    result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                     *tiny_overrides(trained['data_dir']), *crf,
+                     '--crf_grid', 'appearance_weight=3,5;theta_alpha=30')
+    lines = [line for line in result.stdout.splitlines() if line.startswith('crf grid:')]
+    assert len(lines) == 4 and 'no CRF' in lines[0]  # baseline, 2 settings, best
+    assert '--config.eval.crf.theta_alpha=30.0' in lines[-1]
+    grid = json.loads((trained['workdir'] / 'eval' / 'crf_grid.json').read_text())
+    assert [r['crf'] and r['crf']['appearance_weight'] for r in grid['results']] == [None, 3, 5]
+    assert grid['best']['miou'] == max(r['miou'] for r in grid['results'][1:])
+    bad = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
+                  *tiny_overrides(trained['data_dir']), '--crf_grid', 'theta_alfa=3',
+                  check=False)
+    assert bad.returncode == 2 and "unknown key 'theta_alfa'" in bad.stderr
