@@ -165,8 +165,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             names, summary['per_class_iou'], strict=True)})
         writer.scalars(step_number, {f'{prefix}/boundary_iou/{name}': iou for name, iou in zip(
             names, summary['per_class_boundary_iou'], strict=True)})
-        writer.images(step_number, f'{prefix}/input_truth_prediction', summary_images(
-            weights, next(eval_batches(builder, config)), predict_fn, config, mesh))
+        if config.num_summary_images > 0:
+            writer.images(step_number, f'{prefix}/input_truth_prediction', summary_images(
+                weights, next(eval_batches(builder, config)), predict_fn, config, mesh))
         if is_main:
             print(f'eval{"" if prefix == "val" else " (EMA weights)"} @ {step_number}: '
                   f'mIoU {summary["miou"]:.4f} | pixel acc {summary["pixel_accuracy"]:.4f} | '

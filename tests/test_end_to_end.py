@@ -39,13 +39,14 @@ def checkpoint_steps(workdir):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A workdir trained for 4 steps, then resumed to 6."""
+    """A workdir trained for 4 steps, then resumed to 6 (without summary images)."""
     root = tmp_path_factory.mktemp('e2e')
     workdir, data_dir = root / 'run', root / 'tfds'
     first = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', workdir,
                     *tiny_overrides(data_dir))
+    # The resumed run also checks that no summary images (0) is allowed.
     second = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', workdir,
-                     *tiny_overrides(data_dir, num_steps=6))
+                     *tiny_overrides(data_dir, num_steps=6, num_summary_images=0))
     return {'workdir': workdir, 'data_dir': data_dir, 'root': root,
             'first': first.stdout, 'second': second.stdout}
 
