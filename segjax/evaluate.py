@@ -69,7 +69,7 @@ def progress_line(done: int, total: int, elapsed: float) -> str:
     return f'eval: {done:,}/{total:,} images | {rate:.1f} img/s | ETA {eta}'
 
 
-def confusion_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict, mesh,
+def counts_over_split(state, eval_fn, builder, config: ml_collections.ConfigDict, mesh,
                          progress_every_s: float | None = PROGRESS_EVERY_S):
     """Streams the eval split through `eval_fn` and sums the counts it returns: int64 numpy
     arrays in the same structure (make_eval_fn's dict of confusion matrix and Boundary IoU
@@ -218,7 +218,7 @@ def crf_grid_search(state, model, builder, config: ml_collections.ConfigDict, me
         runs.append((setting, functools.partial(compiled[key], weights=weights)))
     results = []
     for setting, eval_fn in runs:
-        summary = summarize_counts(confusion_over_split(state, eval_fn, builder, config, mesh,
+        summary = summarize_counts(counts_over_split(state, eval_fn, builder, config, mesh,
                                                         progress_every_s=None))
         results.append({'crf': setting, 'miou': summary['miou'],
                         'boundary_miou': summary['boundary_miou']})
@@ -259,7 +259,7 @@ def main(argv: Sequence[str]) -> dict:
         parser.exit(1, f'segjax.evaluate: error: {e}\n')
     if settings is not None:
         return search_and_report(state, model, builder, config, mesh, settings, args.workdir)
-    counts = confusion_over_split(state, make_eval_fn(config, model, mesh), builder, config,
+    counts = counts_over_split(state, make_eval_fn(config, model, mesh), builder, config,
                                   mesh)
     names = experiment.class_names(config)
     summary = summarize_counts(counts, names)

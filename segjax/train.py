@@ -32,8 +32,8 @@ from segjax import (
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
 from segjax.evaluate import (
-    confusion_over_split,
     count_lists,
+    counts_over_split,
     eval_batches,
     make_eval_fn,
     summarize_counts,
@@ -157,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = SummaryWriter(workdir)
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
-        counts = confusion_over_split(weights, eval_fn, builder, config, mesh)
+        counts = counts_over_split(weights, eval_fn, builder, config, mesh)
         summary = summarize_counts(counts, names)
         writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in (
             'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou', 'boundary_miou')})

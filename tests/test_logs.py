@@ -87,7 +87,7 @@ def test_progress_line():
     assert evaluate.progress_line(0, 10, 0.0) == 'eval: 0/10 images | 0.0 img/s | ETA ?'
 
 
-def test_confusion_over_split_prints_progress(tmp_path, capsys):
+def test_counts_over_split_prints_progress(tmp_path, capsys):
     config = config_lib.defaults()
     config.data.builder_config = synthetic.SyntheticShapesConfig(
         name='progress', image_size=16, num_train=4, num_validation=12, min_object_size=6,
@@ -104,7 +104,7 @@ def test_confusion_over_split_prints_progress(tmp_path, capsys):
         mask = jnp.broadcast_to(batch['valid'][:, None, None], batch['label'].shape)
         return metrics.confusion_matrix(batch['label'], batch['label'], 8, mask=mask)
 
-    cm = evaluate.confusion_over_split(None, jax.jit(eval_fn), builder, config, mesh,
+    cm = evaluate.counts_over_split(None, jax.jit(eval_fn), builder, config, mesh,
                                        progress_every_s=0)
     labels = np.stack([ex['label'][..., 0] for ex in tfds.as_numpy(
         builder.as_dataset(split='validation'))])
@@ -113,7 +113,7 @@ def test_confusion_over_split_prints_progress(tmp_path, capsys):
     assert [line.split(' | ')[0] for line in lines[:2]] == [
         'eval: 8/12 images', 'eval: 12/12 images']
     assert 'img/s | ETA ' in lines[0] and lines[2].startswith('eval: 12 images in ')
-    assert evaluate.confusion_over_split(None, jax.jit(eval_fn), builder, config, mesh,
+    assert evaluate.counts_over_split(None, jax.jit(eval_fn), builder, config, mesh,
                                          progress_every_s=None).sum() == cm.sum()
     assert capsys.readouterr().out == ''
 
