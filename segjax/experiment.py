@@ -94,11 +94,11 @@ def dataset_builder(config: ml_collections.ConfigDict):
         return config.data.builder(data_dir=config.data.data_dir,
                                    config=config.data.builder_config)
 
-    if jax.process_index() == 0:
-        prepare.prepared(make)
+    builder = prepare.prepared(make) if jax.process_index() == 0 else None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('segjax: dataset prepared')
-    return prepare.prepared(make)  # no-op where prepared; generates on a host-local disk
+    # The other processes: a no-op where process 0 prepared; generates on a host-local disk.
+    return builder if builder is not None else prepare.prepared(make)
 
 
 def state_shardings(mesh, abstract_state):
