@@ -18,6 +18,11 @@ training it is checked on what reaches the model, the crop).
 
 Batches are dicts of numpy arrays: 'image' float32 [b, h, w, 3] (normalised), 'label' int32
 [b, h, w] (255 = ignore) and, for eval, 'valid' bool [b].
+
+Semi-supervised training draws two train streams from one split: `labelled_split` picks the
+labelled examples (a seeded share of the split), and `train_batches(examples=...)` reads only
+those; the unlabelled stream (`with_labels=False`) never reads the stored labels and its batches
+hold only 'image'.
 """
 
 import math
@@ -33,8 +38,10 @@ from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 Batch = dict[str, np.ndarray]
 
 
-def _read_encoded(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """The split's {'image', 'label'} as encoded bytes, in a fixed order."""
+def _read_encoded(
+    builder: tfds.core.DatasetBuilder, split: str, keys: Sequence[str] = ('image', 'label')
+) -> tf.data.Dataset:
+    """The split's `keys` (of 'image', 'label') as encoded bytes, in a fixed order."""
     skip = tfds.decode.SkipDecoding()
     # No TFDS auto-cache: training caches explicitly, and a cached split read in part (the
     # first eval batch for summary images) makes tf.data warn on every evaluation.
@@ -42,7 +49,7 @@ def _read_encoded(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Data
         split=split, shuffle_files=False, decoders={'image': skip, 'label': skip},
         read_config=tfds.ReadConfig(try_autocache=False),
     )
-    return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+    return ds.map(lambda ex: {key: ex[key] for key in keys})
 
 
 def _decode(builder: tfds.core.DatasetBuilder, encoded: dict) -> transforms.Example:
@@ -51,6 +58,13 @@ def _decode(builder: tfds.core.DatasetBuilder, encoded: dict) -> transforms.Exam
     image = features['image'].decode_example(encoded['image'])
     label = features['label'].decode_example(encoded['label'])
     return {'image': image, 'label': label[..., 0]}
+
+
+def _decode_image(builder: tfds.core.DatasetBuilder, encoded: dict) -> transforms.Example:
+    """Encoded image -> {'image': uint8 [H, W, 3], 'label': zeros uint8 [H, W]}: the stored label
+    is never decoded; the zero label lets the same geometric transforms move the image."""
+    image = builder.info.features['image'].decode_example(encoded['image'])
+    return {'image': image, 'label': tf.zeros(tf.shape(image)[:2], tf.uint8)}
 
 
 def _labels_for_training(
@@ -85,6 +99,93 @@ def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+def labelled_split(
+    num_examples: int, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labelled, unlabelled) example indices of a split of `num_examples`, each sorted int64.
+
+    Disjoint and together 0..num_examples-1; labelled = the first round(fraction * num_examples)
+    (halves up) of a permutation by numpy's Generator seeded with `seed`, so the same seed gives
+    the same split. fraction = 1 leaves the unlabelled set empty.
+    """
+    if num_examples < 1:
+        raise ValueError(
+            f'labelled_split needs a split with examples, got num_examples={num_examples}')
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError('config.data.labelled_fraction must be in (0, 1] (the share of the train '
+                         f'split whose labels are used), got {fraction!r}')
+    num_labelled = math.floor(fraction * num_examples + 0.5)
+    if num_labelled < 1:
+        raise ValueError(
+            f'config.data.labelled_fraction={fraction!r} labels none of the {num_examples} '
+            f'examples: it must be at least {0.5 / num_examples:.3g} for one labelled example')
+    order = np.random.default_rng(seed).permutation(num_examples)
+    return np.sort(order[:num_labelled]), np.sort(order[num_labelled:])
+
+
+def _process_share(
+    examples: Sequence[int],
+    *,
+    split: str,
+    num_examples: int,
+    process_index: int,
+    process_count: int,
+    stream: str,
+) -> np.ndarray:
+    """This process's contiguous equal share of the sorted `examples`, the remainder dropped (as
+    tfds.split_for_jax_process(drop_remainder=True) shares a whole split)."""
+    indices = np.asarray(examples)
+    if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f'examples of the {stream} stream must be a flat sequence of integer '
+                         f'indices into split {split!r}, got an array of {indices.dtype} '
+                         f'{indices.shape}')
+    indices = np.sort(indices)
+    if indices.size and (indices[0] < 0 or indices[-1] >= num_examples):
+        raise ValueError(f'examples of the {stream} stream must be indices in '
+                         f'0..{num_examples - 1} (split {split!r}), got values '
+                         f'{indices[0]}..{indices[-1]}')
+    if np.any(indices[1:] == indices[:-1]):
+        raise ValueError(f'examples of the {stream} stream repeat an index of split {split!r}: '
+                         f'{np.unique(indices[1:][indices[1:] == indices[:-1]])[:10].tolist()}')
+    per_process = indices.size // process_count
+    if per_process == 0:
+        raise ValueError(
+            f'the {stream} stream is empty: {indices.size} examples of split {split!r} shared by '
+            f'{process_count} process(es) leave none to process {process_index}'
+            + ('' if stream == 'labelled' else
+               ' (a labelled fraction of 1 leaves no unlabelled examples)'))
+    return indices[process_index * per_process:(process_index + 1) * per_process]
+
+
+def _host_examples(
+    builder: tfds.core.DatasetBuilder,
+    *,
+    split: str,
+    examples: Sequence[int] | None,
+    process_index: int,
+    process_count: int,
+    with_labels: bool,
+) -> tuple[tf.data.Dataset, int]:
+    """This host's encoded examples (of the whole split, or of `examples`) and how many."""
+    keys = ('image', 'label') if with_labels else ('image',)
+    if examples is None:
+        host_split = tfds.split_for_jax_process(
+            split, process_index=process_index, process_count=process_count, drop_remainder=True
+        )
+        num_host_examples = builder.info.splits[host_split].num_examples
+        return _read_encoded(builder, host_split, keys), num_host_examples
+    num_examples = builder.info.splits[split].num_examples
+    share = _process_share(
+        examples, split=split, num_examples=num_examples, process_index=process_index,
+        process_count=process_count, stream='labelled' if with_labels else 'unlabelled')
+    keep = np.zeros(num_examples, bool)
+    keep[share] = True
+    keep = tf.constant(keep)
+    # Indices are positions in the split's fixed read order; the filter keeps that order.
+    ds = _read_encoded(builder, split, keys).enumerate().filter(lambda index, _: keep[index])
+    return ds.map(lambda _, encoded: encoded), len(share)
+
+
 def train_batches(
     builder: tfds.core.DatasetBuilder,
     *,
@@ -106,6 +207,8 @@ def train_batches(
     cat_max_ratio: float = 1.0,
     rotation: float = 0.0,
     photometric: bool = False,
+    examples: Sequence[int] | None = None,
+    with_labels: bool = True,
 ) -> Iterator[Batch]:
     """Infinite augmented batches of this host's slice; from batch `start_step` on when resuming.
 
@@ -116,13 +219,21 @@ def train_batches(
     cat_max_ratio: < 1 retries the crop (up to 10 windows) until no class covers this share.
     rotation: > 0 rotates by an angle uniform in [-rotation, rotation] degrees.
     photometric: mmsegmentation's photometric distortion (brightness, contrast, saturation, hue).
+    examples: indices into `split` (its fixed TFDS order) to draw from instead of all of it (see
+      `labelled_split`); each process takes an equal contiguous share of them, sorted, the
+      remainder dropped. An empty share is an error naming the empty stream.
+    with_labels: False (an unlabelled stream): stored labels are never read or decoded, label_map
+      and num_classes do not apply, crops are uniform (cat_max_ratio needs labels), and batches
+      hold only 'image' -- with cat_max_ratio = 1, the same images as with_labels=True for the
+      same examples and seed.
     """
-    host_split = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count, drop_remainder=True
-    )
-    num_examples = builder.info.splits[host_split].num_examples
+    if not with_labels:  # nothing here may depend on the stored labels
+        label_map, num_classes, cat_max_ratio = None, None, 1.0
+    ds, num_examples = _host_examples(
+        builder, split=split, examples=examples, process_index=process_index,
+        process_count=process_count, with_labels=with_labels)
     # Built afresh on every call, so the seeded shuffle replays the same epoch orders.
-    ds = _read_encoded(builder, host_split).cache()
+    ds = ds.cache()
     ds = ds.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True).repeat()
     # Skipping encoded bytes is cheap; the counter keeps each element's augmentation seed.
     ds = ds.enumerate().skip(start_step * local_batch_size)
@@ -135,7 +246,7 @@ def train_batches(
         # Keys added later are folded in, so the three above (and today's batches) never change.
         rotate_key = tf.random.experimental.stateless_fold_in(key, 3)
         photometric_key = tf.random.experimental.stateless_fold_in(key, 4)
-        example = _decode(builder, encoded)
+        example = _decode(builder, encoded) if with_labels else _decode_image(builder, encoded)
         height, width = crop_size
         min_ratio, max_ratio = scale_range
         if base_size is not None:  # the recipe: map, scale and crop computing the window only
@@ -166,7 +277,8 @@ def train_batches(
             )
         if photometric:
             example = transforms.photometric_distortion(example, photometric_key)
-        return _to_model_inputs(example, mean, std)
+        inputs = _to_model_inputs(example, mean, std)
+        return inputs if with_labels else {'image': inputs['image']}
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
