@@ -24,7 +24,7 @@ import ml_collections
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'segjax', 'xla')
 
 # Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
-CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule')
+CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule', 'trainer')
 
 # What segjax passes each section's callable itself: (leading positional arguments, keywords,
 # where the value comes from). A config that sets one of these is an error, not an option.
@@ -34,6 +34,10 @@ SUPPLIED = {
              'config.data.ignore_index and config.grad_accum_steps'),
     'optimizer': (1, (), 'config.optimizer.lr through config.schedule'),
     'schedule': (2, (), 'config.optimizer.lr and config.num_steps'),
+    'trainer': (0, ('model', 'tx', 'loss_fn', 'num_classes', 'ignore_index', 'image_shape',
+                    'grad_accum_steps', 'ema_decay'),
+                'config.model, config.optimizer, config.loss, config.data, '
+                'config.grad_accum_steps and config.ema_decay'),
 }
 
 
@@ -83,11 +87,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.eval_base_size = None  # (long, short): eval images resized into it, aspect kept
     c.data.mean = (123.675, 116.28, 103.53)
     c.data.std = (58.395, 57.12, 57.375)
+    # Share of the train split whose labels training uses, drawn with labelled_seed (fixed
+    # whatever the run's seed); a semi-supervised trainer sees the rest as unlabelled images.
+    c.data.labelled_fraction = 1.0
+    c.data.labelled_seed = 0
 
     c.model = ml_collections.ConfigDict({'fn': None})
     c.loss = ml_collections.ConfigDict({'fn': None})
     c.optimizer = ml_collections.ConfigDict({'fn': None})
     c.schedule = ml_collections.ConfigDict({'fn': None})
+    # What kind of training: segjax.trainers.supervised, adversarial.trainer, semisupervised.
+    from segjax import trainers  # here: config itself stays importable without JAX
+
+    c.trainer = ml_collections.ConfigDict({'fn': trainers.supervised})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = 'whole'  # 'whole' image, or 'slide': overlapping windows
@@ -241,6 +253,11 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                           f'{config.eval.boundary_dilation_ratio!r}: expected a fraction of the '
                           'image diagonal in (0, 1], e.g. 0.02')
     check_crf(config.eval.crf, f'{source}: config.eval.crf')
+    fraction = config.data.labelled_fraction
+    if (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+            or not 0 < fraction <= 1):
+        raise ConfigError(f'{source}: config.data.labelled_fraction={fraction!r}: expected a '
+                          'share of the train split in (0, 1], e.g. 0.125')
     if config.data.builder is None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:

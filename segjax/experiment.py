@@ -16,9 +16,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from segjax import checkpoint, optim, sharding, step
+from segjax import (
+    checkpoint,
+    logs,  # noqa: F401  (before pipeline loads TensorFlow: the CLIs stay quiet)
+    optim,
+    sharding,
+)
 from segjax import config as config_lib
-from segjax.data import prepare
+from segjax.data import pipeline, prepare
 from segjax.visualize import default_palette
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -106,15 +111,55 @@ def state_shardings(mesh, abstract_state):
     return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
 
 
-def initial_state(config: ml_collections.ConfigDict, model, tx, mesh):
+def make_trainer(config: ml_collections.ConfigDict, model, tx):
+    """The trainers.Trainer named by config.trainer.fn, given what segjax supplies it."""
+    return config.trainer.fn(
+        model=model, tx=tx, loss_fn=make_loss(config), num_classes=config.data.num_classes,
+        ignore_index=config.data.ignore_index, image_shape=(1, *config.data.crop_size, 3),
+        grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+        **config_lib.options(config.trainer))
+
+
+def initial_state(trainer, mesh):
     """(init function, abstract state with shardings): init runs jitted, straight to devices."""
-    height, width = config.data.crop_size
-    init = functools.partial(step.create_state, model, tx, image_shape=(1, height, width, 3),
-                             ema=config.ema_decay > 0)
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = jax.eval_shape(trainer.init, jax.random.key(0))
     shardings = state_shardings(mesh, abstract)
-    init = jax.jit(init, out_shardings=shardings)
+    init = jax.jit(trainer.init, out_shardings=shardings)
     return init, checkpoint.abstract_with_shardings(abstract, shardings)
+
+
+def train_batches(config: ml_collections.ConfigDict, builder, *, local_batch_size: int,
+                  start_step: int, unlabelled_images: bool):
+    """This process's train batches from batch `start_step` on: {'image', 'label'} of the
+    labelled share of the train split (config.data.labelled_fraction) and, with
+    `unlabelled_images`, 'unlabelled_image' from the rest (their labels never loaded)."""
+    data = config.data
+    options = dict(
+        split=data.train_split, local_batch_size=local_batch_size,
+        crop_size=tuple(data.crop_size), scale_range=tuple(data.scale_range), flip=data.flip,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), mean=data.mean, std=data.std,
+        ignore_index=data.ignore_index, label_map=data.label_map, num_classes=data.num_classes,
+        base_size=None if data.base_size is None else tuple(data.base_size),
+        cat_max_ratio=data.cat_max_ratio, rotation=data.rotation, photometric=data.photometric)
+    if data.labelled_fraction == 1 and not unlabelled_images:
+        return pipeline.train_batches(builder, seed=config.seed, **options)
+    if data.labelled_fraction == 1:
+        raise config_lib.ConfigError(
+            f'config.trainer.fn={config.trainer.fn.__module__}.{config.trainer.fn.__name__} '
+            'trains on unlabelled images too, and config.data.labelled_fraction=1.0 leaves '
+            'none: set it below 1, e.g. --config.data.labelled_fraction=0.125')
+    num_examples = builder.info.splits[data.train_split].num_examples
+    labelled, unlabelled = pipeline.labelled_split(num_examples, data.labelled_fraction,
+                                                   data.labelled_seed)
+    batches = pipeline.train_batches(builder, seed=config.seed, examples=labelled, **options)
+    if not unlabelled_images:
+        return batches
+    # Its own seed, so that its augmentation draws are not the labelled stream's.
+    images = pipeline.train_batches(builder, seed=config.seed + 1, examples=unlabelled,
+                                    with_labels=False, **options)
+    return ({**batch, 'unlabelled_image': other['image']}
+            for batch, other in zip(batches, images, strict=True))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -125,7 +170,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_nu
     """The model and the checkpointed state at `step_number` (default latest); errors if none."""
     model = make_model(config)
     tx, _ = optim.make(config)
-    _, abstract = initial_state(config, model, tx, mesh)
+    _, abstract = initial_state(make_trainer(config, model, tx), mesh)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(

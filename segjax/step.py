@@ -28,6 +28,9 @@ class TrainState:
     ema: Any  # {'params', 'batch_stats'} moving averages of the weights, or {} when off
     nonfinite_run: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
     skipped_steps: jax.Array  # all steps skipped so far
+    # A second network's {'params', 'batch_stats', 'opt_state'} trained alongside (the
+    # discriminator of segjax.trainers.adversarial / semisupervised), or {} when none.
+    discriminator: Any = flax.struct.field(default_factory=dict)
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -172,7 +175,7 @@ def _accumulated_gradients(params, batch_stats, batch: dict, rng: jax.Array, *,
     return (*sums, batch_stats)
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -207,7 +210,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
             state.params, state.batch_stats, batch, rng, model=model, loss_fn=loss_fn,
             ignore_index=ignore_index, micro_batches=grad_accum_steps)
 
-    finite = jnp.isfinite(terms['loss']) & _all_finite(grads)
+    finite = jnp.isfinite(terms['loss']) & all_finite(grads)
+    new_state = apply_gradients(state, grads, batch_stats, finite, tx=tx, ema_decay=ema_decay)
+    # A skipped step's accuracy is NaN: its logits may be NaN, and argmax of NaN is made up.
+    accuracy = jnp.where(finite, counts[0] / jnp.maximum(counts[1], 1), jnp.nan)
+    stats = {**terms, 'grad_norm': optax.tree.norm(grads), 'pixel_accuracy': accuracy,
+             'skipped_steps': new_state.skipped_steps, 'nonfinite_run': new_state.nonfinite_run}
+    return new_state, stats
+
+
+def apply_gradients(state: TrainState, grads, batch_stats, finite: jax.Array, *,
+                    tx: optax.GradientTransformation, ema_decay: float = 0.0,
+                    discriminator=None) -> TrainState:
+    """The state after one step: the update (and EMA) where `finite`, else only the step and
+    the skip counters change. `discriminator`: its new sub-state, taken where `finite` too."""
+    discriminator = state.discriminator if discriminator is None else discriminator
 
     def update(_):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -218,23 +235,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
             decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
             ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
                                {'params': params, 'batch_stats': batch_stats})
-        return params, batch_stats, opt_state, ema
+        return params, batch_stats, opt_state, ema, discriminator
 
     def skip(_):
-        return state.params, state.batch_stats, state.opt_state, state.ema
+        return (state.params, state.batch_stats, state.opt_state, state.ema,
+                state.discriminator)
 
     # A branch, not a per-element select over every parameter and optimizer value: compiles
     # about 3x faster (DeepLabV3+) and XLA makes fewer copies of the donated state.
-    params, batch_stats, opt_state, ema = jax.lax.cond(finite, update, skip, None)
-    new_state = state.replace(
+    params, batch_stats, opt_state, ema, discriminator = jax.lax.cond(
+        finite, update, skip, None)
+    return state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-        ema=ema, nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        ema=ema, discriminator=discriminator,
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    # A skipped step's accuracy is NaN: its logits may be NaN, and argmax of NaN is made up.
-    accuracy = jnp.where(finite, counts[0] / jnp.maximum(counts[1], 1), jnp.nan)
-    stats = {**terms, 'grad_norm': optax.tree.norm(grads), 'pixel_accuracy': accuracy,
-             'skipped_steps': new_state.skipped_steps, 'nonfinite_run': new_state.nonfinite_run}
-    return new_state, stats
 
 
 def _split_crf(inference_options: dict | None) -> tuple[dict, dict | None]:

@@ -30,7 +30,7 @@ from segjax import (
     visualize,
 )
 from segjax import config as config_lib
-from segjax.data import pipeline, prepare
+from segjax.data import prepare
 from segjax.evaluate import (
     count_lists,
     counts_over_split,
@@ -113,12 +113,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            micro_batches=config.grad_accum_steps)
     model = experiment.make_model(config)
     tx, schedule = optim.make(config)
-    loss_fn = experiment.make_loss(config)
+    trainer = experiment.make_trainer(config, model, tx)
     builder = experiment.dataset_builder(config)
     names = experiment.class_names(config)
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    init, abstract_state = experiment.initial_state(config, model, tx, mesh)
+    init, abstract_state = experiment.initial_state(trainer, mesh)
     mngr = checkpoint.manager(experiment.checkpoint_dir(workdir),
                               max_to_keep=config.keep_checkpoints)
     state = checkpoint.restore(mngr, abstract_state)
@@ -135,25 +135,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     state_shardings = experiment.state_shardings(mesh, state)
     train_step = jax.jit(
-        functools.partial(step.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                          ignore_index=config.data.ignore_index,
-                          grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay),
+        trainer.step,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     eval_fn = make_eval_fn(config, model, mesh)
     predict_fn = jax.jit(functools.partial(
         step.predict_step, model=model, inference_options=experiment.inference_options(config)))
-    batches = pipeline.train_batches(
-        builder, split=config.data.train_split, local_batch_size=local_batch,
-        crop_size=tuple(config.data.crop_size), scale_range=tuple(config.data.scale_range),
-        flip=config.data.flip, seed=config.seed, start_step=first_step,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        mean=config.data.mean, std=config.data.std, ignore_index=config.data.ignore_index,
-        label_map=config.data.label_map, num_classes=config.data.num_classes,
-        base_size=None if config.data.base_size is None else tuple(config.data.base_size),
-        cat_max_ratio=config.data.cat_max_ratio, rotation=config.data.rotation,
-        photometric=config.data.photometric)
+    batches = experiment.train_batches(config, builder, local_batch_size=local_batch,
+                                       start_step=first_step,
+                                       unlabelled_images=trainer.unlabelled_images)
     writer = SummaryWriter(workdir)
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
@@ -213,6 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     if k.startswith('loss/'))
                     skipped = (f' | skipped {int(stats["skipped_steps"])}'
                                if stats['skipped_steps'] else '')
+                    if 'discriminator/real_accuracy' in stats:
+                        terms += (f' | D acc real {stats["discriminator/real_accuracy"]:.2f} '
+                                  f'fake {stats["discriminator/fake_accuracy"]:.2f}')
                     print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f}'
                           f'{terms} | acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
                           f'{images_per_s:.1f} img/s | ETA {logs.format_seconds(eta)}{skipped}',

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
-from multiprocess_steps import fixed_batches, run
+from multiprocess_steps import fixed_batches, run, trained_leaves
 from test_end_to_end import EXPERIMENT, ROOT, checkpoint_steps, run_cli, tiny_overrides
 from test_multihost import free_port
 
@@ -39,8 +39,8 @@ def test_two_processes_reach_the_same_parameters_as_one_device(tmp_path):
         output = p.communicate(timeout=300)[0]
         assert p.returncode == 0, output[-3000:]
     two_processes = list(np.load(out).values())
-    single = jax.tree.leaves(jax.device_get(run(one_device_mesh(), fixed_batches(3, 8)).params))
-    eight = jax.tree.leaves(jax.device_get(run(sharding.make_mesh(), fixed_batches(3, 8)).params))
+    single = trained_leaves(run(one_device_mesh(), fixed_batches(3, 8)))
+    eight = trained_leaves(run(sharding.make_mesh(), fixed_batches(3, 8)))
     for a, b, c in zip(single, eight, two_processes, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-5)
