@@ -17,6 +17,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
     workdir, data_dir = tmp_path / 'run', tmp_path / 'tfds'
     env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',

@@ -173,6 +173,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, e2e_data):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_kill_9_during_saves_resumes_from_a_complete_checkpoint(tmp_path, e2e_data):
     workdir = tmp_path / 'run'
     overrides = tiny_overrides(e2e_data, num_steps=100000, log_every=1, checkpoint_every=1)

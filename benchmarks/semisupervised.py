@@ -1,0 +1,87 @@
+"""Supervised-only vs adversarial vs semi-supervised adversarial training with 1/8 of the labels,
+on the embedded data set, same model, steps and labelled images, over several seeds.
+
+    python benchmarks/semisupervised.py                       # 3 seeds x 3 kinds, 1,000 steps
+    python benchmarks/semisupervised.py --seeds 0 --num_steps 100 --root /tmp/ss   # a quick look
+
+Each run is an ordinary `python -m segjax.train` (workdir <root>/<kind>-seed<N>; a finished one
+is not re-run, so the command resumes a partial study); the table (validation mIoU and boundary
+mIoU, mean and sample standard deviation over the seeds, and wall time) is printed and written
+to <root>/semisupervised.md and .json.
+
+  supervised      experiments/unet_synthetic.py --config.data.labelled_fraction=<f>
+  adversarial     experiments/adversarial_unet_synthetic.py (Luc et al. 2016), labels only
+  semisupervised  experiments/semisup_unet_synthetic.py (Hung et al. 2018), + the other images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {'supervised': 'experiments/unet_synthetic.py',
+         'adversarial': 'experiments/adversarial_unet_synthetic.py',
+         'semisupervised': 'experiments/semisup_unet_synthetic.py'}
+
+
+def train(kind: str, seed: int, args) -> dict:
+    workdir = os.path.join(args.root, f'{kind}-seed{seed}')
+    metrics_path = os.path.join(workdir, 'metrics.json')
+    if not os.path.exists(metrics_path):
+        command = [sys.executable, '-m', 'segjax.train', '--config', KINDS[kind], '--workdir',
+                   workdir, f'--config.seed={seed}', f'--config.num_steps={args.num_steps}',
+                   f'--config.data.labelled_fraction={args.labelled_fraction}',
+                   '--config.eval_every=0', *args.overrides]
+        print('$', ' '.join(command), flush=True)
+        start = time.time()
+        subprocess.run(command, cwd=ROOT, check=True)
+        with open(os.path.join(workdir, 'wall_seconds.txt'), 'w') as f:
+            f.write(f'{time.time() - start:.1f}\n')
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    with open(os.path.join(workdir, 'wall_seconds.txt')) as f:
+        wall = float(f.read())
+    return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'], 'wall': wall}
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'semisupervised'))
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--num_steps', type=int, default=1000)
+    parser.add_argument('--labelled_fraction', type=float, default=0.125)
+    parser.add_argument('overrides', nargs='*', help='--config.key=value for every run')
+    args = parser.parse_args()
+    results = {kind: [] for kind in KINDS}
+    for seed in args.seeds:  # seed-major: a partial study already compares all three kinds
+        for kind in KINDS:
+            results[kind].append(train(kind, seed, args))
+    lines = [f'| training ({args.labelled_fraction:g} of the labels, {args.num_steps} steps, '
+             f'seeds {args.seeds}) | mIoU | boundary mIoU | minutes per run |',
+             '|---|---|---|---|']
+    for kind, runs in results.items():
+        lines.append(f'| {kind} | {mean_std([r["miou"] for r in runs])} | '
+                     f'{mean_std([r["boundary_miou"] for r in runs])} | '
+                     f'{statistics.mean(r["wall"] for r in runs) / 60:.1f} |')
+    table = '\n'.join(lines)
+    print(table)
+    os.makedirs(args.root, exist_ok=True)
+    with open(os.path.join(args.root, 'semisupervised.md'), 'w') as f:
+        f.write(table + '\n')
+    with open(os.path.join(args.root, 'semisupervised.json'), 'w') as f:
+        json.dump({'args': vars(args), 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
