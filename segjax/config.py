@@ -8,7 +8,6 @@ other fields as keyword options to it, checked against its signature.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import importlib.util
@@ -19,9 +18,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 import ml_collections
-
-# Compiled programs are kept here so that re-running an experiment skips compilation.
-DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'segjax', 'xla')
 
 # Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
 CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule', 'trainer')
@@ -96,10 +92,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({'fn': None})
     c.optimizer = ml_collections.ConfigDict({'fn': None})
     c.schedule = ml_collections.ConfigDict({'fn': None})
-    # What kind of training: segjax.trainers.supervised, adversarial.trainer, semisupervised.
-    from segjax import trainers  # here: config itself stays importable without JAX
-
-    c.trainer = ml_collections.ConfigDict({'fn': trainers.supervised})
+    # What kind of training: None = segjax.trainers.supervised; trainers.adversarial.trainer,
+    # trainers.semisupervised.trainer, or your own (docs/extending.md).
+    c.trainer = ml_collections.ConfigDict({'fn': None})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = 'whole'  # 'whole' image, or 'slide': overlapping windows
@@ -231,6 +226,12 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
     _check_known(config, defaults(), prefix='', source=source)
     for section in CALLABLE_SECTIONS:
         fn = config[section].get('fn')
+        if section == 'trainer' and fn is None:  # supervised: takes no options
+            if options(config.trainer):
+                raise ConfigError(f'{source}: config.trainer.{next(iter(options(config.trainer)))}'
+                                  ' is an option of a trainer, and config.trainer.fn is None '
+                                  '(supervised training, which takes none)')
+            continue
         if not callable(fn):
             raise ConfigError(f'{source}: config.{section}.fn must be a callable, got {fn!r}')
         opts = options(config[section])
@@ -357,45 +358,3 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return overrides, rest
-
-
-def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The flags every entry point shares; `--config.a.b=value` overrides are split off first."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description,
-        epilog='Any config field can be overridden: --config.optimizer.lr=0.05')
-    parser.add_argument('--config', required=True, help='experiment file, e.g. experiments/x.py')
-    parser.add_argument('--workdir', required=True, help='checkpoints, logs and metrics go here')
-    parser.add_argument('--multihost', action='store_true',
-                        help='call jax.distributed.initialize (auto-detects TPU/Slurm/MPI)')
-    parser.add_argument('--coordinator', default=None, help='host:port of process 0')
-    parser.add_argument('--coordinator_bind_address', default=None,
-                        help='host:port process 0 listens on (default: the --coordinator '
-                        "address itself; '[::]:PORT' for every interface)")
-    parser.add_argument('--num_processes', type=int, default=None)
-    parser.add_argument('--process_id', type=int, default=None)
-    parser.add_argument('--compilation_cache', default=DEFAULT_COMPILATION_CACHE,
-                        help="persistent XLA compilation cache ('' turns it off)")
-    from segjax import logs
-
-    logs.add_verbose_flag(parser)
-    return parser
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
-    """(args, config): parses flags, starts the distributed runtime if asked, loads the config."""
-    overrides, rest = split_argv(argv)
-    args = parser.parse_args(rest)
-    from segjax import logs, sharding  # sharding imports jax, which the CLIs need from here on
-
-    logs.quiet(args.verbose)
-
-    sharding.configure_runtime(args.compilation_cache)
-    if args.multihost or args.coordinator:
-        sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
-                                      args.coordinator_bind_address)
-    try:
-        config = load(args.config, overrides)
-    except ConfigError as e:
-        parser.exit(2, f'{parser.prog}: error: {e}\n')
-    return args, config

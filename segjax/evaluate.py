@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from segjax import cli, experiment, logs, metrics, sharding, step, visualize
 from segjax import config as config_lib
-from segjax import experiment, logs, metrics, sharding, step, visualize
 from segjax.data import pipeline, prepare
 
 # Device-side int32 counts are moved to a host int64 total this often, far below overflow.
@@ -236,12 +236,12 @@ def crf_overrides(setting: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> dict:
-    parser = config_lib.argument_parser('segjax.evaluate', __doc__.splitlines()[2])
+    parser = cli.argument_parser('segjax.evaluate', __doc__.splitlines()[2])
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
     parser.add_argument('--crf_grid', default=None,
                         help="search config.eval.crf instead: 'appearance_weight=3,4,5;"
                         "theta_alpha=60,121' (every combination; see the module docstring)")
-    args, config = config_lib.parse(parser, argv)
+    args, config = cli.parse(parser, argv)
     settings = None
     if args.crf_grid is not None:
         try:

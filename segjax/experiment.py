@@ -21,6 +21,7 @@ from segjax import (
     logs,  # noqa: F401  (before pipeline loads TensorFlow: the CLIs stay quiet)
     optim,
     sharding,
+    trainers,
 )
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
@@ -112,8 +113,10 @@ def state_shardings(mesh, abstract_state):
 
 
 def make_trainer(config: ml_collections.ConfigDict, model, tx):
-    """The trainers.Trainer named by config.trainer.fn, given what segjax supplies it."""
-    return config.trainer.fn(
+    """The trainers.Trainer named by config.trainer.fn (None: supervised), given what segjax
+    supplies it."""
+    make = config.trainer.fn or trainers.supervised
+    return make(
         model=model, tx=tx, loss_fn=make_loss(config), num_classes=config.data.num_classes,
         ignore_index=config.data.ignore_index, image_shape=(1, *config.data.crop_size, 3),
         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,

@@ -21,8 +21,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segjax import config as config_lib
-from segjax import experiment, sharding, step, visualize
+from segjax import cli, experiment, sharding, step, visualize
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -81,11 +80,11 @@ def write_crf_comparison(output_dir: str, name: str, image: np.ndarray, mask: np
 
 
 def main(argv: Sequence[str]) -> list[str]:
-    parser = config_lib.argument_parser('segjax.predict', __doc__.splitlines()[2])
+    parser = cli.argument_parser('segjax.predict', __doc__.splitlines()[2])
     parser.add_argument('--input', required=True, help='an image, a directory or a glob')
     parser.add_argument('--output', required=True, help='directory for the output PNGs')
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
-    args, config = config_lib.parse(parser, argv)
+    args, config = cli.parse(parser, argv)
     try:
         paths = list_inputs(args.input)
         images = [read_rgb(p) for p in paths]  # fail on a bad file before any model work

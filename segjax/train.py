@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from segjax import (
     checkpoint,
+    cli,
     experiment,
     logs,
     metrics,
@@ -246,8 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv: Sequence[str]) -> dict:
-    parser = config_lib.argument_parser('segjax.train', __doc__.splitlines()[2])
-    args, config = config_lib.parse(parser, argv)
+    parser = cli.argument_parser('segjax.train', __doc__.splitlines()[2])
+    args, config = cli.parse(parser, argv)
     os.makedirs(args.workdir, exist_ok=True)
     try:
         return train(config, args.workdir)
