@@ -114,13 +114,15 @@ def write_cityscapes(directory: str, num_train: int, rng: np.random.Generator) -
 
 
 RECIPES = {
-    'voc': dict(local_batch_size=16, crop_size=(512, 512), scale_range=(0.5, 2.0),
-                base_size=(2048, 512), cat_max_ratio=0.75, flip=True, photometric=True,
-                num_classes=21),
-    'cityscapes': dict(local_batch_size=8, crop_size=(512, 1024), scale_range=(0.5, 2.0),
-                       base_size=(2048, 1024), cat_max_ratio=0.75, flip=True, photometric=True,
-                       label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19),
+    'voc': pipeline.TrainRecipe(
+        crop_size=(512, 512), scale_range=(0.5, 2.0), base_size=(2048, 512), cat_max_ratio=0.75,
+        flip=True, photometric=True, num_classes=21),
+    'cityscapes': pipeline.TrainRecipe(
+        crop_size=(512, 1024), scale_range=(0.5, 2.0), base_size=(2048, 1024),
+        cat_max_ratio=0.75, flip=True, photometric=True,
+        label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19),
 }
+BATCH_SIZES = {'voc': 16, 'cityscapes': 8}
 
 
 def run(name: str, workdir: str, num_train: int, warmup: int, batches: int) -> dict:
@@ -140,21 +142,22 @@ def run(name: str, workdir: str, num_train: int, warmup: int, batches: int) -> d
     prepare_s = time.perf_counter() - start
     builder = make()
     num_prepared = sum(split.num_examples for split in builder.info.splits.values())
-    recipe = RECIPES[name]
-    it = pipeline.train_batches(builder, split='train', seed=0, **recipe)
+    recipe, batch_size = RECIPES[name], BATCH_SIZES[name]
+    it = pipeline.train_batches(builder, recipe, split='train', local_batch_size=batch_size,
+                                seed=0)
     for _ in range(warmup):
         next(it)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         batch = next(it)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    assert batch['image'].shape[1:3] == recipe['crop_size']
-    num_images = batches * recipe['local_batch_size']
+    assert batch['image'].shape[1:3] == recipe.crop_size
+    num_images = batches * batch_size
     # CPU time (all threads) per image is what a core costs, whatever else runs on the machine.
     return {'dataset': name, 'images_per_s': round(num_images / elapsed, 2),
             'cpu_ms_per_image': round(1000 * cpu / num_images, 1),
             'images_per_core_s': round(num_images / cpu, 2),
-            'batch': recipe['local_batch_size'], 'crop': recipe['crop_size'],
+            'batch': batch_size, 'crop': recipe.crop_size,
             'prepare_s_per_image': round(prepare_s / num_prepared, 3),
             'cpus': len(os.sched_getaffinity(0)), 'load_avg_1min': os.getloadavg()[0]}
 

@@ -18,6 +18,7 @@ augmentation; --split names another (or a TFDS slice such as 'validation[:50]').
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -85,12 +86,9 @@ def augmented_examples(builder, split: str, config: ml_collections.ConfigDict
     options and config.seed, the image denormalised to uint8. Label values that are no class are
     shown, not an error (num_classes is not checked)."""
     data = config.data
-    batches = pipeline.train_batches(
-        builder, split=split, local_batch_size=1, crop_size=tuple(data.crop_size),
-        scale_range=tuple(data.scale_range), flip=data.flip, seed=config.seed,
-        mean=data.mean, std=data.std, ignore_index=data.ignore_index, label_map=data.label_map,
-        base_size=None if data.base_size is None else tuple(data.base_size),
-        cat_max_ratio=data.cat_max_ratio, rotation=data.rotation, photometric=data.photometric)
+    recipe = dataclasses.replace(pipeline.TrainRecipe.from_config(data), num_classes=None)
+    batches = pipeline.train_batches(builder, recipe, split=split, local_batch_size=1,
+                                     seed=config.seed)
     for batch in batches:
         yield {'image': visualize.denormalize(batch['image'][0], data.mean, data.std),
                'label': batch['label'][0]}

@@ -52,14 +52,9 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, mesh):
 def eval_batches(builder, config: ml_collections.ConfigDict):
     """This process's eval batches; every process yields the same number (padded, valid=False)."""
     return pipeline.eval_batches(
-        builder, split=config.data.eval_split,
+        builder, pipeline.EvalRecipe.from_config(config.data), split=config.data.eval_split,
         local_batch_size=sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size'),
-        pad_size=config.data.eval_pad_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), mean=config.data.mean, std=config.data.std,
-        ignore_index=config.data.ignore_index, label_map=config.data.label_map,
-        num_classes=config.data.num_classes,
-        base_size=(None if config.data.eval_base_size is None
-                   else tuple(config.data.eval_base_size)))
+        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def progress_line(done: int, total: int, elapsed: float) -> str:

@@ -137,16 +137,12 @@ def train_batches(config: ml_collections.ConfigDict, builder, *, local_batch_siz
     labelled share of the train split (config.data.labelled_fraction) and, with
     `unlabelled_images`, 'unlabelled_image' from the rest (their labels never loaded)."""
     data = config.data
-    options = dict(
-        split=data.train_split, local_batch_size=local_batch_size,
-        crop_size=tuple(data.crop_size), scale_range=tuple(data.scale_range), flip=data.flip,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), mean=data.mean, std=data.std,
-        ignore_index=data.ignore_index, label_map=data.label_map, num_classes=data.num_classes,
-        base_size=None if data.base_size is None else tuple(data.base_size),
-        cat_max_ratio=data.cat_max_ratio, rotation=data.rotation, photometric=data.photometric)
+    recipe = pipeline.TrainRecipe.from_config(data)
+    stream = dict(split=data.train_split, local_batch_size=local_batch_size,
+                  start_step=start_step, process_index=jax.process_index(),
+                  process_count=jax.process_count())
     if data.labelled_fraction == 1 and not unlabelled_images:
-        return pipeline.train_batches(builder, seed=config.seed, **options)
+        return pipeline.train_batches(builder, recipe, seed=config.seed, **stream)
     if data.labelled_fraction == 1:
         raise config_lib.ConfigError(
             f'config.trainer.fn={config.trainer.fn.__module__}.{config.trainer.fn.__name__} '
@@ -155,12 +151,13 @@ def train_batches(config: ml_collections.ConfigDict, builder, *, local_batch_siz
     num_examples = builder.info.splits[data.train_split].num_examples
     labelled, unlabelled = pipeline.labelled_split(num_examples, data.labelled_fraction,
                                                    data.labelled_seed)
-    batches = pipeline.train_batches(builder, seed=config.seed, examples=labelled, **options)
+    batches = pipeline.train_batches(builder, recipe, seed=config.seed, examples=labelled,
+                                     **stream)
     if not unlabelled_images:
         return batches
     # Its own seed, so that its augmentation draws are not the labelled stream's.
-    images = pipeline.train_batches(builder, seed=config.seed + 1, examples=unlabelled,
-                                    with_labels=False, **options)
+    images = pipeline.train_batches(builder, recipe, seed=config.seed + 1, examples=unlabelled,
+                                    with_labels=False, **stream)
     return ({**batch, 'unlabelled_image': other['image']}
             for batch, other in zip(batches, images, strict=True))
 

@@ -189,9 +189,9 @@ def test_size_mismatch_names_the_example(tmp_path):
 
 
 def test_eval_pipeline_maps_every_label_id_to_its_train_id(builder):
-    batches = list(pipeline.eval_batches(
-        builder, split='train', local_batch_size=4, pad_size=(HEIGHT, WIDTH),
-        label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19))
+    recipe = pipeline.EvalRecipe(pad_size=(HEIGHT, WIDTH),
+                                 label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19)
+    batches = list(pipeline.eval_batches(builder, recipe, split='train', local_batch_size=4))
     order = list(tfds.as_numpy(builder.as_dataset(split='train', shuffle_files=False)))
     assert len(batches) == 1 and batches[0]['valid'].tolist() == [True] * 3 + [False]
     seen = set()
@@ -205,15 +205,16 @@ def test_eval_pipeline_maps_every_label_id_to_its_train_id(builder):
 
 def test_unmapped_label_ids_are_an_error_not_classes(builder):
     with pytest.raises(tf.errors.InvalidArgumentError, match='label_map'):
-        list(pipeline.eval_batches(builder, split='validation', local_batch_size=2,
-                                   pad_size=(HEIGHT, WIDTH), num_classes=19))
+        list(pipeline.eval_batches(builder, pipeline.EvalRecipe(pad_size=(HEIGHT, WIDTH),
+                                                                num_classes=19),
+                                   split='validation', local_batch_size=2))
 
 
 def _recipe(builder, seed: int = 1):
-    return pipeline.train_batches(
-        builder, split='train', local_batch_size=3, crop_size=(16, 32), scale_range=(0.5, 2.0),
-        base_size=(64, 32), cat_max_ratio=0.75, flip=True, photometric=True, seed=seed,
-        label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19)
+    recipe = pipeline.TrainRecipe(
+        crop_size=(16, 32), scale_range=(0.5, 2.0), base_size=(64, 32), cat_max_ratio=0.75,
+        flip=True, photometric=True, label_map=cityscapes.LABEL_ID_TO_TRAIN_ID, num_classes=19)
+    return pipeline.train_batches(builder, recipe, split='train', local_batch_size=3, seed=seed)
 
 
 def test_train_recipe_batches_are_valid_and_deterministic(builder):

@@ -164,10 +164,15 @@ def test_normalize():
 # ----------------------------------------------------------------------------------------------
 # Pipelines.
 
+RECIPE = pipeline.TrainRecipe(crop_size=(24, 24), scale_range=(0.75, 1.5))
+# No augmentation: an epoch is exactly the split.
+PLAIN = pipeline.TrainRecipe(crop_size=(32, 32), flip=False)
+WHOLE = pipeline.EvalRecipe()  # each image whole, at the data set's fixed size
 
-def _train(builder, **overrides):
-    kwargs = dict(split='train', local_batch_size=8, crop_size=(24, 24), scale_range=(0.75, 1.5))
-    return pipeline.train_batches(builder, **{**kwargs, 'seed': 0, **overrides})
+
+def _train(builder, recipe: pipeline.TrainRecipe = RECIPE, **overrides):
+    stream = dict(split='train', local_batch_size=8, seed=0)
+    return pipeline.train_batches(builder, recipe, **{**stream, **overrides})
 
 
 def _take(iterator, n: int) -> list[dict]:
@@ -203,7 +208,7 @@ def test_train_batches_deterministic_and_resumable(builder):
 
 def test_train_batches_reshuffle_each_epoch(builder):
     # Without augmentation an epoch is exactly the split, in a new order each time.
-    plain = _train(builder, crop_size=(32, 32), scale_range=(1.0, 1.0), flip=False)
+    plain = _train(builder, PLAIN)
     epochs = [np.concatenate([b['image'] for b in _take(plain, 5)]) for _ in range(2)]
     assert sorted(_rows(epochs[0])) == sorted(_rows(epochs[1]))
     assert len(set(_rows(epochs[0]))) == 40
@@ -214,15 +219,7 @@ def test_train_batches_process_slices_are_disjoint(builder):
     rows = []
     for index in range(2):
         batches = _take(
-            _train(
-                builder,
-                crop_size=(32, 32),
-                scale_range=(1.0, 1.0),
-                flip=False,
-                local_batch_size=4,
-                process_index=index,
-                process_count=2,
-            ),
+            _train(builder, PLAIN, local_batch_size=4, process_index=index, process_count=2),
             5,
         )
         rows.append(set(_rows(np.concatenate([b['image'] for b in batches]))))
@@ -230,8 +227,9 @@ def test_train_batches_process_slices_are_disjoint(builder):
     assert not rows[0] & rows[1]
 
 
-def _eval(builder, **kwargs) -> list[dict]:
-    batches = pipeline.eval_batches(builder, split='validation[:11]', local_batch_size=3, **kwargs)
+def _eval(builder, recipe: pipeline.EvalRecipe = WHOLE, **kwargs) -> list[dict]:
+    batches = pipeline.eval_batches(builder, recipe, split='validation[:11]', local_batch_size=3,
+                                    **kwargs)
     return list(batches)
 
 
@@ -256,7 +254,7 @@ def test_eval_batches_equal_counts_padding_and_coverage(builder):
 
 
 def test_eval_batches_pad_size(builder):
-    batch = _eval(builder, pad_size=(40, 36))[0]
+    batch = _eval(builder, pipeline.EvalRecipe(pad_size=(40, 36)))[0]
     assert batch['image'].shape == (3, 40, 36, 3) and batch['label'].shape == (3, 40, 36)
     assert (batch['label'][:, 32:] == 255).all() and (batch['label'][:, :, 32:] == 255).all()
     assert (batch['label'][:, :32, :32] < NUM_CLASSES).all()

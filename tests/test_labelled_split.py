@@ -99,9 +99,16 @@ def _stored_images(builder) -> np.ndarray:
     return np.stack([ex['image'] for ex in tfds.as_numpy(ds)])
 
 
+RECIPE_FIELDS = {field.name for field in dataclasses.fields(pipeline.TrainRecipe)}
+
+
 def _train(builder, **overrides):
-    kwargs = dict(split='train', local_batch_size=3, seed=0, **AUGMENTED)
-    return pipeline.train_batches(builder, **{**kwargs, **overrides})
+    """A stream of AUGMENTED; overrides of TrainRecipe's fields change the recipe, the others
+    train_batches' arguments."""
+    recipe = {k: v for k, v in overrides.items() if k in RECIPE_FIELDS}
+    stream = {k: v for k, v in overrides.items() if k not in RECIPE_FIELDS}
+    return pipeline.train_batches(builder, pipeline.TrainRecipe(**{**AUGMENTED, **recipe}),
+                                  **{**dict(split='train', local_batch_size=3, seed=0), **stream})
 
 
 def _take(iterator, n: int) -> list[dict]:

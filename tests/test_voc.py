@@ -256,10 +256,11 @@ def test_size_mismatch_names_the_example(tmp_path):
 
 
 def test_train_recipe_batches(aug_builder):
-    batches = pipeline.train_batches(
-        aug_builder, split='train_aug', local_batch_size=4, crop_size=(32, 32),
-        scale_range=(0.5, 2.0), base_size=(64, 32), cat_max_ratio=0.75, flip=True, rotation=10.0,
-        photometric=True, seed=0, num_classes=21)
+    recipe = pipeline.TrainRecipe(
+        crop_size=(32, 32), scale_range=(0.5, 2.0), base_size=(64, 32), cat_max_ratio=0.75,
+        flip=True, rotation=10.0, photometric=True, num_classes=21)
+    batches = pipeline.train_batches(aug_builder, recipe, split='train_aug', local_batch_size=4,
+                                     seed=0)
     for _ in range(3):
         batch = next(batches)
         assert batch['image'].shape == (4, 32, 32, 3) and batch['label'].shape == (4, 32, 32)
@@ -267,8 +268,9 @@ def test_train_recipe_batches(aug_builder):
 
 
 def test_eval_batches_are_the_stored_labels_padded(aug_builder):
-    batches = list(pipeline.eval_batches(aug_builder, split='validation', local_batch_size=2,
-                                         pad_size=(48, 48), num_classes=21))
+    recipe = pipeline.EvalRecipe(pad_size=(48, 48), num_classes=21)
+    batches = list(pipeline.eval_batches(aug_builder, recipe, split='validation',
+                                         local_batch_size=2))
     assert len(batches) == 1 and batches[0]['valid'].all()
     # The pipeline reads the split in TFDS's stored order, as as_dataset does.
     stored = tfds.as_numpy(aug_builder.as_dataset(split='validation', shuffle_files=False))
@@ -280,8 +282,9 @@ def test_eval_batches_are_the_stored_labels_padded(aug_builder):
 
 
 def test_eval_resize_keeping_aspect_ratio(aug_builder):
-    batch = next(pipeline.eval_batches(aug_builder, split='validation', local_batch_size=2,
-                                       pad_size=(24, 24), base_size=(24, 16), num_classes=21))
+    recipe = pipeline.EvalRecipe(pad_size=(24, 24), base_size=(24, 16), num_classes=21)
+    batch = next(pipeline.eval_batches(aug_builder, recipe, split='validation',
+                                       local_batch_size=2))
     for label in batch['label']:
         valid_rows = (label != 255).any(axis=1).sum()
         valid_cols = (label != 255).any(axis=0).sum()

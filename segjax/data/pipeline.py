@@ -19,12 +19,21 @@ training it is checked on what reaches the model, the crop).
 Batches are dicts of numpy arrays: 'image' float32 [b, h, w, 3] (normalised), 'label' int32
 [b, h, w] (255 = ignore) and, for eval, 'valid' bool [b].
 
+What is done to each example is a recipe (segjax.data.recipes, re-exported here: `TrainRecipe`,
+`EvalRecipe`), built from config.data by `from_config` or by hand; which examples, how many and
+in what order (split, batch size, seed, process) are the arguments of `train_batches` and
+`eval_batches`:
+
+  recipe = pipeline.TrainRecipe.from_config(config.data)   # or TrainRecipe(crop_size=(32, 32))
+  batches = pipeline.train_batches(builder, recipe, split='train', local_batch_size=8, seed=0)
+
 Semi-supervised training draws two train streams from one split: `labelled_split` picks the
 labelled examples (a seeded share of the split), and `train_batches(examples=...)` reads only
 those; the unlabelled stream (`with_labels=False`) never reads the stored labels and its batches
 hold only 'image'.
 """
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
@@ -33,9 +42,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from segjax.data import transforms
-from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segjax.data.recipes import EvalRecipe, TrainRecipe  # the arguments' types, re-exported
 
 Batch = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and decoding.
 
 
 def _read_encoded(
@@ -188,47 +201,31 @@ def _host_examples(
 
 def train_batches(
     builder: tfds.core.DatasetBuilder,
+    recipe: TrainRecipe,
     *,
     split: str,
     local_batch_size: int,
-    crop_size: tuple[int, int],
-    scale_range: tuple[float, float] = (1.0, 1.0),
-    flip: bool = True,
     seed: int,
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    ignore_index: int = 255,
-    label_map: Sequence[int] | None = None,
-    num_classes: int | None = None,
-    base_size: tuple[int, int] | None = None,
-    cat_max_ratio: float = 1.0,
-    rotation: float = 0.0,
-    photometric: bool = False,
     examples: Sequence[int] | None = None,
     with_labels: bool = True,
 ) -> Iterator[Batch]:
-    """Infinite augmented batches of this host's slice; from batch `start_step` on when resuming.
+    """Infinite batches of this host's slice augmented by `recipe`; from batch `start_step` on
+    when resuming. The same arguments give the same batches (seed, process_index and each
+    example's position in the stream seed its augmentation).
 
-    label_map: 256-entry table applied to the stored labels first (None: stored = classes).
-    num_classes: if given, labels outside 0..num_classes-1 that are not ignore_index are an error.
-    base_size: (long, short) edge bound the `scale_range` ratios apply to, aspect ratio kept
-      (mmsegmentation's `scale`); None: ratios of each image's own size.
-    cat_max_ratio: < 1 retries the crop (up to 10 windows) until no class covers this share.
-    rotation: > 0 rotates by an angle uniform in [-rotation, rotation] degrees.
-    photometric: mmsegmentation's photometric distortion (brightness, contrast, saturation, hue).
     examples: indices into `split` (its fixed TFDS order) to draw from instead of all of it (see
       `labelled_split`); each process takes an equal contiguous share of them, sorted, the
       remainder dropped. An empty share is an error naming the empty stream.
-    with_labels: False (an unlabelled stream): stored labels are never read or decoded, label_map
-      and num_classes do not apply, crops are uniform (cat_max_ratio needs labels), and batches
-      hold only 'image' -- with cat_max_ratio = 1, the same images as with_labels=True for the
-      same examples and seed.
+    with_labels: False (an unlabelled stream): stored labels are never read or decoded, the
+      recipe's label_map and num_classes do not apply, crops are uniform (cat_max_ratio needs
+      labels), and batches hold only 'image' -- with cat_max_ratio = 1, the same images as
+      with_labels=True for the same examples and seed.
     """
     if not with_labels:  # nothing here may depend on the stored labels
-        label_map, num_classes, cat_max_ratio = None, None, 1.0
+        recipe = dataclasses.replace(recipe, label_map=None, num_classes=None, cat_max_ratio=1.0)
     ds, num_examples = _host_examples(
         builder, split=split, examples=examples, process_index=process_index,
         process_count=process_count, with_labels=with_labels)
@@ -238,7 +235,10 @@ def train_batches(
     # Skipping encoded bytes is cheap; the counter keeps each element's augmentation seed.
     ds = ds.enumerate().skip(start_step * local_batch_size)
     host_seed = tf.constant([seed, process_index], tf.int64)
-    table = _table(label_map)
+    table = _table(recipe.label_map)
+    height, width = recipe.crop_size
+    min_ratio, max_ratio = recipe.scale_range
+    ignore_index, num_classes = recipe.ignore_index, recipe.num_classes
 
     def augment(index: tf.Tensor, encoded: dict) -> transforms.Example:
         key = tf.random.experimental.stateless_fold_in(host_seed, index)
@@ -247,37 +247,35 @@ def train_batches(
         rotate_key = tf.random.experimental.stateless_fold_in(key, 3)
         photometric_key = tf.random.experimental.stateless_fold_in(key, 4)
         example = _decode(builder, encoded) if with_labels else _decode_image(builder, encoded)
-        height, width = crop_size
-        min_ratio, max_ratio = scale_range
-        if base_size is not None:  # the recipe: map, scale and crop computing the window only
+        if recipe.base_size is not None:  # map, scale and crop computing the window only
             example = transforms.random_scale_crop(
                 example, scale_key, crop_key, min_ratio=min_ratio, max_ratio=max_ratio,
-                base_size=base_size, height=height, width=width, ignore_index=ignore_index,
-                cat_max_ratio=cat_max_ratio, label_map=table,
+                base_size=recipe.base_size, height=height, width=width,
+                ignore_index=ignore_index, cat_max_ratio=recipe.cat_max_ratio, label_map=table,
             )
         else:  # kept step by step, so that existing experiments reproduce bit for bit
             if table is not None:
                 example = transforms.map_labels(example, table)
-            if tuple(scale_range) != (1.0, 1.0):
+            if recipe.scale_range != (1.0, 1.0):
                 example = transforms.random_scale(
                     example, scale_key, min_ratio=min_ratio, max_ratio=max_ratio
                 )
             example = transforms.random_crop_or_pad(
                 example, crop_key, height=height, width=width, ignore_index=ignore_index,
-                cat_max_ratio=cat_max_ratio,
+                cat_max_ratio=recipe.cat_max_ratio,
             )
         if num_classes is not None:  # what reaches the model; a window is cheaper to check
             example = transforms.check_label_values(
                 example, num_classes=num_classes, ignore_index=ignore_index)
-        if flip:
+        if recipe.flip:
             example = transforms.random_flip(example, flip_key)
-        if rotation:
+        if recipe.rotation:
             example = transforms.random_rotate(
-                example, rotate_key, max_degrees=rotation, ignore_index=ignore_index
+                example, rotate_key, max_degrees=recipe.rotation, ignore_index=ignore_index
             )
-        if photometric:
+        if recipe.photometric:
             example = transforms.photometric_distortion(example, photometric_key)
-        inputs = _to_model_inputs(example, mean, std)
+        inputs = _to_model_inputs(example, recipe.mean, recipe.std)
         return inputs if with_labels else {'image': inputs['image']}
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -310,7 +308,8 @@ def _eval_image_size(
         return pad_size
     height, width, _ = builder.info.features['image'].shape
     if height is None or width is None:
-        raise ValueError('Images of this dataset vary in size: pass pad_size to batch them.')
+        raise ValueError('Images of this dataset vary in size: set EvalRecipe.pad_size '
+                         '(config.data.eval_pad_size) to batch them.')
     return height, width
 
 
@@ -326,45 +325,39 @@ def _check_fits(example: transforms.Example, height: int, width: int) -> transfo
 
 def eval_batches(
     builder: tfds.core.DatasetBuilder,
+    recipe: EvalRecipe,
     *,
     split: str,
     local_batch_size: int,
-    pad_size: tuple[int, int] | None = None,
     process_index: int = 0,
     process_count: int = 1,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    ignore_index: int = 255,
-    label_map: Sequence[int] | None = None,
-    num_classes: int | None = None,
-    base_size: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
-    """This host's slice of `split` once, in order, then invalid filler examples so that every
-    host yields exactly `num_eval_batches(...)` batches.
+    """This host's slice of `split` once, in order, prepared by `recipe`, then invalid filler
+    examples so that every host yields exactly `num_eval_batches(...)` batches.
 
-    Each image is evaluated whole (or, with base_size = (long, short), resized into it with the
-    aspect ratio kept, label nearest-neighbour) and padded to `pad_size` with ignore_index, so
-    padding never reaches the metrics. label_map and num_classes: as in `train_batches`.
+    Each image is evaluated whole (or resized into the recipe's base_size) and padded to its
+    pad_size with ignore_index, so padding never reaches the metrics.
     """
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count, drop_remainder=False
     )
     num_real = builder.info.splits[host_split].num_examples
     num_batches = num_eval_batches(builder, split, local_batch_size, process_count)
-    height, width = _eval_image_size(builder, pad_size)
-    table = _table(label_map)
+    height, width = _eval_image_size(builder, recipe.pad_size)
+    table = _table(recipe.label_map)
+    ignore_index = recipe.ignore_index
 
     def preprocess(encoded: dict) -> transforms.Example:
         example = _decode(builder, encoded)
-        example = _labels_for_training(example, table, num_classes, ignore_index)
-        if base_size is not None:
-            example = transforms.resize_keep_ratio(example, base_size=base_size)
-        if pad_size is not None:
+        example = _labels_for_training(example, table, recipe.num_classes, ignore_index)
+        if recipe.base_size is not None:
+            example = transforms.resize_keep_ratio(example, base_size=recipe.base_size)
+        if recipe.pad_size is not None:
             example = _check_fits(example, height, width)
             example = transforms.pad_to_size(
                 example, height=height, width=width, ignore_index=ignore_index
             )
-        return {**_to_model_inputs(example, mean, std), 'valid': tf.constant(True)}
+        return {**_to_model_inputs(example, recipe.mean, recipe.std), 'valid': tf.constant(True)}
 
     ds = _read_encoded(builder, host_split)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
