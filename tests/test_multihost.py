@@ -45,6 +45,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     assert sum(map(sum, two_process['confusion_matrix'])) == 16 * 32 * 32
 
 
+@pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_coordinator_listens_on_the_coordinator_host_only(tmp_path):
     if not os.path.exists('/proc/net/tcp'):
         pytest.skip('needs Linux /proc/net to list listening sockets')

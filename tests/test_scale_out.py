@@ -27,6 +27,7 @@ def one_device_mesh():
     return jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_two_processes_reach_the_same_parameters_as_one_device(tmp_path):
     port, out = free_port(), tmp_path / 'params.npz'
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': sharding.with_cpu_xla_flags(
@@ -145,6 +146,7 @@ def restore_params(workdir, overrides, step_number=None):
     return jax.device_get(state)
 
 
+@pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, e2e_data):
     overrides = tiny_overrides(e2e_data, num_steps=10, log_every=1, checkpoint_every=1000,
                                ema_decay=0.9)

@@ -193,6 +193,7 @@ def test_gradient_accumulation_is_refused():
         adversarial.trainer(**{**common(), 'grad_accum_steps': 2})
 
 
+@pytest.mark.slow  # two compilations of each step: `pytest -m slow` (CI runs it)
 @pytest.mark.parametrize('kind', ['adversarial', 'semisupervised'])
 def test_one_device_equals_eight(kind):
     batches = batches_for(kind, 3, 8)
