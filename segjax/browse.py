@@ -260,6 +260,8 @@ def main(argv: Sequence[str]) -> list[WrittenGrid]:
     error = f'{parser.prog}: error:'
     try:
         config = config_lib.load(args.config, overrides)
+        if args.augmented:  # a malformed data value: one line, up front
+            pipeline.TrainRecipe.from_config(config.data)
     except config_lib.ConfigError as e:
         parser.exit(2, f'{error} {e}\n')
     split = args.split or config.data.train_split

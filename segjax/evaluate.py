@@ -238,11 +238,12 @@ def main(argv: Sequence[str]) -> dict:
                         "theta_alpha=60,121' (every combination; see the module docstring)")
     args, config = cli.parse(parser, argv)
     settings = None
-    if args.crf_grid is not None:
-        try:
+    try:
+        pipeline.EvalRecipe.from_config(config.data)  # a malformed value: one line, up front
+        if args.crf_grid is not None:
             settings = parse_crf_grid(args.crf_grid, config.eval.crf)
-        except config_lib.ConfigError as e:
-            parser.exit(2, f'segjax.evaluate: error: {e}\n')
+    except config_lib.ConfigError as e:
+        parser.exit(2, f'segjax.evaluate: error: {e}\n')
     mesh = sharding.make_mesh()
     try:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)

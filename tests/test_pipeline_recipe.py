@@ -93,3 +93,16 @@ def test_direct_construction_names_the_field():
         pipeline.EvalRecipe(pad_size=(8, -1))
     with pytest.raises(ValueError, match=r'^label_map: .*0\.\.255'):
         pipeline.TrainRecipe(crop_size=(8, 8), label_map=np.full(256, 300))
+
+
+@pytest.mark.parametrize('module, flag', [('segjax.evaluate', '--workdir'),
+                                          ('segjax.browse', '--output')])
+def test_commands_report_a_malformed_data_value_in_one_line(tmp_path, module, flag):
+    from test_end_to_end import EXPERIMENT, run_cli
+
+    bad = ('--config.data.eval_pad_size=(0, 5)' if module == 'segjax.evaluate'
+           else '--config.data.cat_max_ratio=1.5')
+    extra = ['--augmented'] if module == 'segjax.browse' else []
+    result = run_cli(module, '--config', EXPERIMENT, flag, tmp_path, bad, *extra, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'config.data.' in result.stderr and 'Traceback' not in result.stderr
