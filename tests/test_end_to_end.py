@@ -153,6 +153,7 @@ def test_predict_unreadable_image_is_a_clear_error(tmp_path):
     assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_evaluate_and_predict_with_sliding_window_and_tta(trained):
     tta = ['--config.eval.mode=slide', '--config.eval.window=(16, 16)',
            '--config.eval.stride=(12, 12)', '--config.eval.scales=(0.75, 1.0)',
@@ -167,6 +168,7 @@ def test_evaluate_and_predict_with_sliding_window_and_tta(trained):
     assert bad.returncode == 2 and 'needs config.eval.window' in bad.stderr
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_predict_with_crf_writes_both_and_evaluate_searches_the_crf(trained):
     crf = ['--config.eval.crf.iterations=2']
     inputs = trained['root'] / 'crf_images'

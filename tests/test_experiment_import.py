@@ -98,6 +98,7 @@ def _console_script(name: str) -> str:
     return path
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_console_script_loads_an_experiment_that_imports_another(tmp_path):
     # An unknown override fails after the experiment imported: exit 2, one line, no traceback.
     result = subprocess.run(

@@ -95,6 +95,7 @@ def test_direct_construction_names_the_field():
         pipeline.TrainRecipe(crop_size=(8, 8), label_map=np.full(256, 300))
 
 
+@pytest.mark.slow  # two command lines: `pytest -m slow` (CI runs it)
 @pytest.mark.parametrize('module, flag', [('segjax.evaluate', '--workdir'),
                                           ('segjax.browse', '--output')])
 def test_commands_report_a_malformed_data_value_in_one_line(tmp_path, module, flag):

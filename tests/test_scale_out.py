@@ -115,6 +115,7 @@ def test_a_nan_step_is_skipped_and_counted():
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_good.params))
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_persistent_nan_stops_the_run_with_a_clear_error(tmp_path, e2e_data):
     # An absurd learning rate makes every step after the first non-finite.
     result = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', tmp_path,
@@ -130,6 +131,7 @@ def losses_printed(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r'^step \d+/\d+ \| loss ([0-9.]+)', stdout, re.M)]
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_bfloat16_run_converges(tmp_path, e2e_data):
     result = run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', tmp_path,
                      *tiny_overrides(e2e_data, num_steps=60, log_every=1, dtype='bfloat16',

@@ -305,6 +305,7 @@ def test_a_labelled_fraction_outside_0_1_is_a_clear_error(value):
         config_lib.validate(config)
 
 
+@pytest.mark.slow  # whole command-line runs: `pytest -m slow` (CI runs it)
 def test_no_unlabelled_images_is_a_clear_error(tmp_path, e2e_data):
     result = run_cli('segjax.train', '--config', SEMISUP, '--workdir', tmp_path,
                      *semisup_overrides(e2e_data, **{'data.labelled_fraction': 1.0}),
