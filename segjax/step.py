@@ -97,10 +97,15 @@ def _gradients(params, batch_stats, batch: dict, rng: jax.Array, shares=None, *,
         return objective, (terms, main_logits(outputs), updates)
 
     (_, (terms, logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-    valid = batch['label'] != ignore_index
-    correct = (jnp.argmax(logits, -1) == batch['label']) & valid
-    counts = jnp.stack([correct.sum(), valid.sum()])
+    counts = pixel_counts(logits, batch['label'], ignore_index)
     return terms, counts, grads, updates.get('batch_stats', batch_stats)
+
+
+def pixel_counts(logits: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
+    """[correct, valid]: pixels whose argmax is the label, and pixels not ignored."""
+    valid = labels != ignore_index
+    correct = (jnp.argmax(logits, -1) == labels) & valid
+    return jnp.stack([correct.sum(), valid.sum()])
 
 
 def _microbatches(batch: dict, num: int) -> dict:

@@ -109,9 +109,8 @@ def _mean(values: jax.Array, mask) -> jax.Array:
 
 
 def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
-    valid = labels != ignore_index
-    correct = (jnp.argmax(logits, -1) == labels) & valid
-    return correct.sum() / jnp.maximum(valid.sum(), 1)
+    correct, valid = step.pixel_counts(logits, labels, ignore_index)
+    return correct / jnp.maximum(valid, 1)
 
 
 def finish_step(state: step.TrainState, grads, batch_stats, discriminator_state: dict,
