@@ -1,11 +1,25 @@
-"""TensorBoard event files (scalars and images); only process 0 writes."""
+"""Where training's scalars and images go: TensorBoard event files, plus any writer an experiment
+tracker or a sweep adds (anything with `scalars`, `images`, `flush` and `close`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
+
+
+class Writer(Protocol):
+    """What the train loop writes to; each writer decides which processes write."""
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
+
+    def images(self, step: int, name: str, images: np.ndarray) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class SummaryWriter:
@@ -40,3 +54,32 @@ class SummaryWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class Writers:
+    """Writes every summary to each of `writers` in order; closes them all, even if one fails."""
+
+    def __init__(self, writers: Sequence[Writer]):
+        self._writers = tuple(writers)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        for writer in self._writers:
+            writer.scalars(step, values)
+
+    def images(self, step: int, name: str, images: np.ndarray) -> None:
+        for writer in self._writers:
+            writer.images(step, name, images)
+
+    def flush(self) -> None:
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self) -> None:
+        errors = []
+        for writer in self._writers:
+            try:
+                writer.close()
+            except Exception as e:  # noqa: BLE001 - close the rest, then raise the first
+                errors.append(e)
+        if errors:
+            raise errors[0]

@@ -40,7 +40,7 @@ from segjax.evaluate import (
     summarize_counts,
     write_json,
 )
-from segjax.summary import SummaryWriter
+from segjax.summary import SummaryWriter, Writer, Writers
 
 
 class NonFiniteError(RuntimeError):
@@ -105,8 +105,13 @@ def summary_images(state, batch: dict, predict_fn, config: ml_collections.Config
     return np.stack(rows)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the experiment to config.num_steps; returns the final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          extra_writers: Sequence[Writer] = ()) -> dict:
+    """Runs (or resumes) the experiment to config.num_steps; returns the final metrics.
+
+    `extra_writers` receive every scalar and image TensorBoard does (a sweep reports the
+    validation mIoU to its study through one).
+    """
     start_time = time.time()
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh()
@@ -146,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = experiment.train_batches(config, builder, local_batch_size=local_batch,
                                        start_step=first_step,
                                        unlabelled_images=trainer.unlabelled_images)
-    writer = SummaryWriter(workdir)
+    writer = Writers([SummaryWriter(workdir), *extra_writers])
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
         counts = counts_over_split(weights, eval_fn, builder, config, mesh)
