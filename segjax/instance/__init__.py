@@ -1,0 +1,11 @@
+"""Instance segmentation (Mask R-CNN, He et al. 2017) built on segjax's ResNet.
+
+Every function here works on fixed shapes under jit: a variable number of boxes is a fixed-size
+array plus a boolean validity mask. The modules mirror torchvision's detection code so that
+torchvision (a test oracle only) checks them number for number:
+  boxes.py       box coder (Faster R-CNN's deltas), IoU, clipping, small-box masks
+  nms.py         greedy NMS and per-class (batched) NMS with fixed-size outputs
+  anchors.py     FPN anchors in torchvision's AnchorGenerator order
+  roi_align.py   RoIAlign and the FPN level mapping of MultiScaleRoIAlign
+  fpn.py         ResNet + FPN backbone (P2-P6) with frozen BatchNorm
+"""
