@@ -1,5 +1,6 @@
-"""Where training's scalars and images go: TensorBoard event files, plus any writer an experiment
-tracker or a sweep adds (anything with `scalars`, `images`, `flush` and `close`)."""
+"""Where training's scalars and images go: TensorBoard event files, Weights & Biases when
+config.wandb.project is set (segjax.wandb_writer), plus any writer a sweep adds (anything with
+`scalars`, `images`, `flush` and `close`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import jax
+import ml_collections
 import numpy as np
 
 
@@ -54,6 +56,17 @@ class SummaryWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def make_writers(config: ml_collections.ConfigDict, workdir: str) -> list[Writer]:
+    """A run's writers: TensorBoard under `workdir` always, W&B when config.wandb.project is set
+    (wandb is imported only then)."""
+    writers: list[Writer] = [SummaryWriter(workdir)]
+    if config.wandb.project is not None:
+        from segjax.wandb_writer import WandbWriter  # imports wandb when it is built
+
+        writers.append(WandbWriter(config, workdir))
+    return writers
 
 
 class Writers:
