@@ -69,7 +69,8 @@ def test_schedule_matches_optax_cosine_after_warmup():
     ('model.dtype=1', "segjax sets UNet's 'dtype' itself"),
     ('loss.ignore_index=0', "segjax sets cross_entropy's 'ignore_index' itself"),
     ('optimizer.lrr=0.1', "adamw takes no option 'lrr' (did you mean 'lr'?); it takes ['lr', "
-     "'weight_decay', 'b1', 'b2', 'eps']"),
+     "'weight_decay', 'b1', 'b2', 'eps', 'no_decay', 'lr_multipliers', 'layer_decay', "
+     "'layer_id_fn']"),
 ])
 def test_options_the_builder_sets_are_config_errors(override, message):
     with pytest.raises(config_lib.ConfigError) as info:
