@@ -8,4 +8,9 @@ torchvision (a test oracle only) checks them number for number:
   anchors.py     FPN anchors in torchvision's AnchorGenerator order
   roi_align.py   RoIAlign and the FPN level mapping of MultiScaleRoIAlign
   fpn.py         ResNet + FPN backbone (P2-P6) with frozen BatchNorm
+  rpn.py         RPN head and eval-mode proposal selection
+  roi_heads.py   box head + predictor, mask head + predictor
+  postprocess.py detections (per-class NMS, top-k), class masks, masks pasted into the image
+  maskrcnn.py    the whole eval-mode Mask R-CNN module
+  torchvision_weights.py  torchvision detection state dicts -> these modules' variables
 """

@@ -1,6 +1,6 @@
 """torchvision detection state dicts (e.g. `maskrcnn_resnet50_fpn`'s) into segjax's instance
-models: for now the ResNet-FPN backbone (`backbone.body.*`, `backbone.fpn.*`) and the RPN head
-(`rpn.head.*`).
+models: the ResNet-FPN backbone (`backbone.body.*`, `backbone.fpn.*`), the RPN head
+(`rpn.head.*`), the RoI heads (`roi_heads.*`) and the whole Mask R-CNN (`load_maskrcnn`).
 
 Values convert as in `segjax.pretrained` (OIHW -> HWIO, FrozenBatchNorm2d weight/bias ->
 params scale/bias, running_mean/var -> batch_stats mean/var). Loading is all or nothing: names
@@ -69,7 +69,8 @@ def _fill(variables: Mapping, entries: Mapping, unmapped: list[str], what: str,
                             f'{collection}/{path} is {tuple(target.shape)}')
         else:
             loaded[collection][path] = value
-    problems += [f'{c}/{path}: not in the state dict (under {prefix!r})'
+    where = f' (under {prefix!r})' if prefix else ''
+    problems += [f'{c}/{path}: not in the state dict{where}'
                  for c, flat in targets.items() for path in flat if path not in loaded[c]]
     if problems:
         shown = problems[:50] + ([f'... and {len(problems) - 50} more'] if len(problems) > 50
@@ -79,55 +80,141 @@ def _fill(variables: Mapping, entries: Mapping, unmapped: list[str], what: str,
     return {**variables, **{c: _nest(loaded[c]) for c in targets if c in variables}}
 
 
-def load_resnet_fpn(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
-                    prefix: str = 'backbone.') -> dict:
-    """`variables` of a `ResNetFPN` ({'params', 'batch_stats'}) filled from the entries of a
-    torchvision detection `state_dict` under `prefix` (`body.*`: the ResNet, `fpn.*`: the FPN).
-    Other entries (rpn, roi_heads) are ignored. Returns new variables of float32 numpy arrays.
-    """
+# Entries: {(collection, 'module/path', leaf): (torch name, flax-layout array)}.
+Entries = dict[tuple[str, str, str], tuple[str, np.ndarray]]
+
+
+def _under(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {name.removeprefix(prefix): np.asarray(value) for name, value in state_dict.items()
+            if name.startswith(prefix)}
+
+
+def _resnet_fpn_entries(state_dict: Mapping[str, np.ndarray],
+                        prefix: str) -> tuple[Entries, list[str]]:
     body, entries, unmapped = {}, {}, []
-    for name, value in state_dict.items():
-        if not name.startswith(prefix):
-            continue
-        inner = name.removeprefix(prefix)
+    for inner, value in _under(state_dict, prefix).items():
         if inner.startswith('body.'):
-            body[inner.removeprefix('body.')] = np.asarray(value)
+            body[inner.removeprefix('body.')] = value
             continue
-        entry = _fpn_entry(inner, np.asarray(value, np.float32))
+        entry = _fpn_entry(inner, value.astype(np.float32))
         if entry is None:
-            unmapped.append(name)
+            unmapped.append(prefix + inner)
         else:
-            entries[entry[0]] = (name, entry[1])
+            entries[entry[0]] = (prefix + inner, entry[1])
     # The body is an ImageNet ResNet layout, which segjax.pretrained maps under 'backbone/'.
     converted, body_unmapped = convert_state_dict(body)
     unmapped += [f'{prefix}body.{name}' for name in body_unmapped]
     for (collection, module, leaf), (name, value) in converted.items():
         module = 'body/' + module.removeprefix('backbone/')
         entries[(collection, module, leaf)] = (f'{prefix}body.{name}', value)
+    return entries, unmapped
 
+
+def load_resnet_fpn(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
+                    prefix: str = 'backbone.') -> dict:
+    """`variables` of a `ResNetFPN` ({'params', 'batch_stats'}) filled from the entries of a
+    torchvision detection `state_dict` under `prefix` (`body.*`: the ResNet, `fpn.*`: the FPN).
+    Other entries (rpn, roi_heads) are ignored. Returns new variables of float32 numpy arrays.
+    """
+    entries, unmapped = _resnet_fpn_entries(state_dict, prefix)
     return _fill(variables, entries, unmapped, 'the ResNet-FPN backbone', prefix)
 
 
 _RPN_HEAD = re.compile(r'(conv\.0\.0|cls_logits|bbox_pred)\.(weight|bias)')
 
 
+def _rpn_head_entries(state_dict: Mapping[str, np.ndarray],
+                      prefix: str) -> tuple[Entries, list[str]]:
+    entries, unmapped = {}, []
+    for inner, value in _under(state_dict, prefix).items():
+        match = _RPN_HEAD.fullmatch(inner)
+        if match is None:
+            unmapped.append(prefix + inner)
+            continue
+        module, leaf = match.groups()
+        value = value.astype(np.float32)
+        module = 'conv' if module.startswith('conv') else module
+        if leaf == 'weight':
+            entries[('params', module, 'kernel')] = (prefix + inner, value.transpose(2, 3, 1, 0))
+        else:
+            entries[('params', module, 'bias')] = (prefix + inner, value)
+    return entries, unmapped
+
+
 def load_rpn_head(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
                   prefix: str = 'rpn.head.') -> dict:
     """`variables` of an `RPNHead` ({'params'}) from torchvision's `rpn.head.*` entries
     (conv.0.0 -> conv, cls_logits, bbox_pred). Other entries are ignored."""
-    entries, unmapped = {}, []
-    for name, value in state_dict.items():
-        if not name.startswith(prefix):
-            continue
-        match = _RPN_HEAD.fullmatch(name.removeprefix(prefix))
-        if match is None:
-            unmapped.append(name)
-            continue
-        module, leaf = match.groups()
-        value = np.asarray(value, np.float32)
-        module = 'conv' if module.startswith('conv') else module
-        if leaf == 'weight':
-            entries[('params', module, 'kernel')] = (name, value.transpose(2, 3, 1, 0))
-        else:
-            entries[('params', module, 'bias')] = (name, value)
+    entries, unmapped = _rpn_head_entries(state_dict, prefix)
     return _fill(variables, entries, unmapped, 'the RPN head', prefix)
+
+
+# roi_heads.* names -> (module path, kind). mask_head.mask_fcn{i} is the layout of files saved
+# before torchvision's MaskRCNNHeads v2 (e.g. the published COCO weights), {i-1}.0 the newer one.
+_ROI_HEADS = (
+    (re.compile(r'box_head\.(fc6|fc7)'), lambda m: f'box_head/{m[1]}', 'linear'),
+    (re.compile(r'box_predictor\.(cls_score|bbox_pred)'), lambda m: f'box_predictor/{m[1]}',
+     'linear'),
+    (re.compile(r'mask_head\.(\d+)\.0'), lambda m: f'mask_head/mask_fcn{int(m[1]) + 1}', 'conv'),
+    (re.compile(r'mask_head\.mask_fcn(\d+)'), lambda m: f'mask_head/mask_fcn{m[1]}', 'conv'),
+    (re.compile(r'mask_predictor\.conv5_mask'), lambda m: 'mask_predictor/conv5_mask',
+     'transposed'),
+    (re.compile(r'mask_predictor\.mask_fcn_logits'), lambda m: 'mask_predictor/mask_fcn_logits',
+     'conv'),
+)
+
+
+def torch_transposed_kernel(weight: np.ndarray) -> np.ndarray:
+    """nn.ConvTranspose2d weight [in, out, kh, kw] -> flax nn.ConvTranspose kernel
+    [kh, kw, in, out]. Flax (transpose_kernel=False) correlates the dilated input with its
+    kernel; torch's transposed conv is the gradient of a correlation, i.e. a correlation with
+    the spatially flipped kernel, hence the flip."""
+    return weight.transpose(2, 3, 0, 1)[::-1, ::-1].copy()
+
+
+def _roi_heads_entries(state_dict: Mapping[str, np.ndarray],
+                       prefix: str) -> tuple[Entries, list[str]]:
+    entries, unmapped = {}, []
+    for inner, value in _under(state_dict, prefix).items():
+        module_name, _, leaf = inner.rpartition('.')
+        rule = next(((path(m), kind) for pattern, path, kind in _ROI_HEADS
+                     if (m := pattern.fullmatch(module_name))), None)
+        if rule is None or leaf not in ('weight', 'bias'):
+            unmapped.append(prefix + inner)
+            continue
+        module, kind = rule
+        value = value.astype(np.float32)
+        if leaf == 'bias':
+            entries[('params', module, 'bias')] = (prefix + inner, value)
+            continue
+        kernel = {'linear': lambda w: w.T, 'conv': lambda w: w.transpose(2, 3, 1, 0),
+                  'transposed': torch_transposed_kernel}[kind](value)
+        entries[('params', module, 'kernel')] = (prefix + inner, kernel)
+    return entries, unmapped
+
+
+def load_roi_heads(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
+                   prefix: str = 'roi_heads.') -> dict:
+    """`variables` ({'params': {'box_head', 'box_predictor', 'mask_head', 'mask_predictor'}},
+    the modules of `segjax.instance.roi_heads`) from torchvision's `roi_heads.*` entries.
+    Linear (out, in) -> (in, out), conv OIHW -> HWIO, conv5_mask via `torch_transposed_kernel`.
+    """
+    entries, unmapped = _roi_heads_entries(state_dict, prefix)
+    return _fill(variables, entries, unmapped, 'the RoI heads', prefix)
+
+
+def load_maskrcnn(variables: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:
+    """`variables` of a `segjax.instance.maskrcnn.MaskRCNN` from a whole torchvision
+    `maskrcnn_resnet50_fpn` state dict (backbone.*, rpn.head.*, roi_heads.*): every entry must
+    map and every parameter must be given, else one PretrainedError lists every problem."""
+    entries: Entries = {}
+    unmapped = [name for name in state_dict
+                if not name.startswith(('backbone.', 'rpn.head.', 'roi_heads.'))]
+    for make, prefix, root in ((_resnet_fpn_entries, 'backbone.', 'backbone/'),
+                               (_rpn_head_entries, 'rpn.head.', 'rpn/'),
+                               (_roi_heads_entries, 'roi_heads.', '')):
+        part, part_unmapped = make(state_dict, prefix)
+        unmapped += part_unmapped
+        entries.update({(c, root + module, leaf): value
+                        for (c, module, leaf), value in part.items()})
+    return _fill(variables, entries, unmapped, 'Mask R-CNN', '')
