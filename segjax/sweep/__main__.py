@@ -1,0 +1,3 @@
+from segjax.sweep.cli import run
+
+run()
