@@ -30,8 +30,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """Restores `step` (default: the latest) onto the shardings of `abstract_state`.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set. Returns None when
-    the directory holds no checkpoint.
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set. Each array is
+    read onto those shardings whatever the writer's were, so a checkpoint saved on 8 devices
+    (replicated or FSDP) restores on 4 or 1, under either mode. Returns None when the
+    directory holds no checkpoint.
     """
     step = mngr.latest_step() if step is None else step
     if step is None:

@@ -22,6 +22,12 @@ import ml_collections
 # Sections whose fields (other than `fn`) are keyword options of the callable in `fn`.
 CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule', 'trainer')
 
+# config.sharding: how the train state is laid out over the devices (segjax.sharding).
+SHARDING_MODES = ('replicated', 'fsdp')
+
+# config.wandb.mode: 'auto' = online when an API key is configured and the server answers.
+WANDB_MODES = ('auto', 'online', 'offline')
+
 # What segjax passes each section's callable itself: (leading positional arguments, keywords,
 # where the value comes from). A config that sets one of these is an error, not an option.
 SUPPLIED = {
@@ -52,6 +58,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # > 0: keep, evaluate and checkpoint an EMA of the weights
     c.remat = False  # recompute activations in the backward pass (models with a remat option)
     c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite (skipped) steps
+    # 'replicated': the train state on every device; 'fsdp': parameters, optimizer state and EMA
+    # split over the devices, each leaf of more than fsdp_min_bytes along its largest divisible
+    # dimension (segjax.sharding.state_shardings; the default is sharding.FSDP_MIN_BYTES).
+    c.sharding = 'replicated'
+    c.fsdp_min_bytes = 2**16
     # .pth / .safetensors weights loaded into a fresh run's initial state (not when resuming).
     c.pretrained = None
 
@@ -121,6 +132,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_batch_size = 32
     c.num_summary_images = 4
+
+    # Weights & Biases (segjax.wandb_writer, docs/tracking.md), next to TensorBoard: off while
+    # project is None. mode 'auto': online with an API key and a reachable server, else offline.
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = None
+    c.wandb.entity = None  # W&B user or team; None = the API key's default
+    c.wandb.name = None  # run name; None = the workdir's name
+    c.wandb.group = None  # e.g. a sweep's study name
+    c.wandb.tags = ()  # e.g. ('study:<name>', 'trial:<n>')
+    c.wandb.mode = 'auto'  # one of WANDB_MODES
+    c.wandb.dir = None  # where W&B's local files go (a wandb/ folder in it); None = the workdir
     return c
 
 
@@ -254,15 +276,46 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                           f'{config.eval.boundary_dilation_ratio!r}: expected a fraction of the '
                           'image diagonal in (0, 1], e.g. 0.02')
     check_crf(config.eval.crf, f'{source}: config.eval.crf')
+    check_wandb(config.wandb, f'{source}: config.wandb')
     fraction = config.data.labelled_fraction
     if (isinstance(fraction, bool) or not isinstance(fraction, int | float)
             or not 0 < fraction <= 1):
         raise ConfigError(f'{source}: config.data.labelled_fraction={fraction!r}: expected a '
                           'share of the train split in (0, 1], e.g. 0.125')
+    if config.sharding not in SHARDING_MODES:
+        raise ConfigError(f'{source}: config.sharding={config.sharding!r}: expected one of '
+                          f'{list(SHARDING_MODES)}')
+    min_bytes = config.fsdp_min_bytes
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+        raise ConfigError(f'{source}: config.fsdp_min_bytes={min_bytes!r}: expected an integer '
+                          '>= 0 (leaves of at most this many bytes stay replicated)')
     if config.data.builder is None:
         raise ConfigError(f'{source}: config.data.builder must name a TFDS builder class')
     if config.data.num_classes < 2:
         raise ConfigError(f'{source}: config.data.num_classes must be >= 2')
+
+
+def check_wandb(wandb: ml_collections.ConfigDict, where: str = 'config.wandb') -> None:
+    """Raises ConfigError for W&B settings segjax.wandb_writer cannot use, or that are set while
+    W&B is off (project None), where they would silently do nothing."""
+    if wandb.mode not in WANDB_MODES:
+        raise ConfigError(f'{where}.mode={wandb.mode!r}: expected one of {list(WANDB_MODES)}')
+    if wandb.project is None:
+        default = defaults().wandb
+        for key in ('entity', 'name', 'group', 'tags', 'mode', 'dir'):
+            if (bool(wandb[key]) if key == 'tags' else wandb[key] != default[key]):
+                raise ConfigError(f'{where}.{key}={wandb[key]!r} is set but config.wandb.project'
+                                  ' is None, so W&B is off; set --config.wandb.project=NAME too')
+        return
+    for key in ('project', 'entity', 'name', 'group', 'dir'):
+        value = wandb[key]
+        if (value is not None or key == 'project') and (not isinstance(value, str) or not value):
+            raise ConfigError(f'{where}.{key}={value!r}: expected a non-empty string'
+                              f'{"" if key == "project" else " or None"}')
+    tags = wandb.tags
+    if not isinstance(tags, tuple | list) or not all(isinstance(t, str) and t for t in tags):
+        raise ConfigError(f'{where}.tags={tags!r}: expected a tuple of non-empty strings, e.g. '
+                          "--config.wandb.tags=\"('study:lr', 'trial:3')\"")
 
 
 def check_crf(crf: ml_collections.ConfigDict, where: str = 'config.eval.crf') -> None:

@@ -107,9 +107,11 @@ def dataset_builder(config: ml_collections.ConfigDict):
     return builder if builder is not None else prepare.prepared(make)
 
 
-def state_shardings(mesh, abstract_state):
-    """Data parallelism: every leaf of the train state is replicated on every device."""
-    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+def state_shardings(mesh, abstract_state, config: ml_collections.ConfigDict):
+    """The train state's shardings by config.sharding: 'replicated' on every device, or 'fsdp'
+    (parameters, optimizer state and EMA split over the devices; sharding.state_shardings)."""
+    return sharding.state_shardings(mesh, abstract_state, config.sharding,
+                                    min_bytes=config.fsdp_min_bytes)
 
 
 def make_trainer(config: ml_collections.ConfigDict, model, tx):
@@ -123,10 +125,11 @@ def make_trainer(config: ml_collections.ConfigDict, model, tx):
         **config_lib.options(config.trainer))
 
 
-def initial_state(trainer, mesh):
-    """(init function, abstract state with shardings): init runs jitted, straight to devices."""
+def initial_state(trainer, mesh, config: ml_collections.ConfigDict):
+    """(init function, abstract state with shardings): init runs jitted, straight to devices,
+    each leaf created on its config.sharding shards (an FSDP state is never whole on one)."""
     abstract = jax.eval_shape(trainer.init, jax.random.key(0))
-    shardings = state_shardings(mesh, abstract)
+    shardings = state_shardings(mesh, abstract, config)
     init = jax.jit(trainer.init, out_shardings=shardings)
     return init, checkpoint.abstract_with_shardings(abstract, shardings)
 
@@ -170,7 +173,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_nu
     """The model and the checkpointed state at `step_number` (default latest); errors if none."""
     model = make_model(config)
     tx, _ = optim.make(config)
-    _, abstract = initial_state(make_trainer(config, model, tx), mesh)
+    # The checkpoint's own layout does not matter: it is read onto config.sharding's on `mesh`.
+    _, abstract = initial_state(make_trainer(config, model, tx), mesh, config)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(

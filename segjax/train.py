@@ -40,7 +40,11 @@ from segjax.evaluate import (
     summarize_counts,
     write_json,
 )
-from segjax.summary import SummaryWriter, Writer, Writers
+from segjax.summary import Writer, Writers, make_writers
+
+# The dataset-level metrics every evaluation writes as `val/<name>` (`val_ema/<name>` with EMA);
+# a sweep's objective is one of these (or a class's `val/iou/<class>`).
+EVAL_SCALARS = ('miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou', 'boundary_miou')
 
 
 class NonFiniteError(RuntimeError):
@@ -90,6 +94,17 @@ def load_pretrained(state: step.TrainState, path: str) -> step.TrainState:
     return state.replace(params=params, batch_stats=batch_stats, ema=ema)
 
 
+def weights_memory(state: step.TrainState, mode: str) -> str:
+    """'<MiB> MiB params + optimizer state per device (<mode>[; <MiB> MiB in all])', measured on
+    the arrays' shards on this process's devices (the whole named where a device holds less)."""
+    weights = (state.params, state.opt_state)
+    whole = sum(x.nbytes for x in jax.tree.leaves(weights))
+    per_device = sharding.bytes_per_device(weights)
+    in_all = f'; {whole / 2**20:.3g} MiB in all' if per_device < whole else ''
+    return (f'{per_device / 2**20:.3g} MiB params + optimizer state per device '
+            f'({mode}{in_all})')
+
+
 def summary_images(state, batch: dict, predict_fn, config: ml_collections.ConfigDict,
                    mesh) -> np.ndarray:
     """Input | ground truth | prediction, colour-coded, for the first few eval images."""
@@ -124,7 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     names = experiment.class_names(config)
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    init, abstract_state = experiment.initial_state(trainer, mesh)
+    init, abstract_state = experiment.initial_state(trainer, mesh, config)
     mngr = checkpoint.manager(experiment.checkpoint_dir(workdir),
                               max_to_keep=config.keep_checkpoints)
     state = checkpoint.restore(mngr, abstract_state)
@@ -136,13 +151,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(f'{"resuming at" if first_step else "starting"} step {first_step}/{config.num_steps}'
-              f' | {num_params:,} parameters | {jax.device_count()} devices, '
-              f'{jax.process_count()} processes | global batch {config.batch_size}', flush=True)
+              f' | {num_params:,} parameters | {weights_memory(state, config.sharding)} | '
+              f'{jax.device_count()} devices, {jax.process_count()} processes | global batch '
+              f'{config.batch_size}', flush=True)
 
-    state_shardings = experiment.state_shardings(mesh, state)
+    state_shardings = experiment.state_shardings(mesh, state, config)
+    # What the trainer holds fixed (a distillation teacher's weights), on its own shardings.
+    frozen = () if trainer.load_frozen is None else (trainer.load_frozen(mesh),)
     train_step = jax.jit(
         trainer.step,
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh),
+                      *[jax.tree.map(lambda x: x.sharding, f) for f in frozen]),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     eval_fn = make_eval_fn(config, model, mesh)
@@ -151,13 +170,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     batches = experiment.train_batches(config, builder, local_batch_size=local_batch,
                                        start_step=first_step,
                                        unlabelled_images=trainer.unlabelled_images)
-    writer = Writers([SummaryWriter(workdir), *extra_writers])
+    writer = Writers([*make_writers(config, workdir), *extra_writers])
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
         counts = counts_over_split(weights, eval_fn, builder, config, mesh)
         summary = summarize_counts(counts, names)
-        writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in (
-            'miou', 'pixel_accuracy', 'mean_accuracy', 'mdice', 'fwiou', 'boundary_miou')})
+        writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in EVAL_SCALARS})
         writer.scalars(step_number, {f'{prefix}/iou/{name}': iou for name, iou in zip(
             names, summary['per_class_iou'], strict=True)})
         writer.scalars(step_number, {f'{prefix}/boundary_iou/{name}': iou for name, iou in zip(
@@ -184,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     try:
         for step_number in range(first_step + 1, config.num_steps + 1):
             batch = sharding.to_global(next(batches), mesh)
-            state, stats = train_step(state, batch, train_rng)
+            state, stats = train_step(state, batch, train_rng, *frozen)
             window_steps += 1
             # The previous step's counter: reading it does not wait for the step just queued.
             if previous_stats is not None and (

@@ -23,6 +23,9 @@ batch gives the value of the formula over the global batch, however it is split 
                mask_fake), {bce, hinge, least_squares}_generator_loss(fake, *, mask), the pairs
                AdversarialLoss bce_gan / hinge_gan / least_squares_gan, and Hung et al.'s
                self_training_cross_entropy(logits, confidence_logits, *, threshold, mask)
+  distillation: a student's logits against a frozen teacher's, the labels a mask only:
+               pixelwise_kd(student, teacher, labels, *, temperature) (Hinton et al. 2015),
+               pairwise_similarity_kd(student, teacher, labels, *, pool_size) (Liu et al. 2019)
   helper:      label_boundaries (the edge mask boundary_cross_entropy weights)
 
 Each family is a module of this package (`segjax.losses.pixel`, ...); `segjax.losses.<name>` is
@@ -54,6 +57,7 @@ from segjax.losses.adversarial import (
 )
 from segjax.losses.binary import binary_cross_entropy, binary_dice_loss
 from segjax.losses.composition import weighted_sum, with_aux
+from segjax.losses.distillation import pairwise_similarity_kd, pixelwise_kd
 from segjax.losses.lovasz import lovasz_hinge, lovasz_softmax
 from segjax.losses.pixel import (
     boundary_cross_entropy,
@@ -83,6 +87,8 @@ __all__ = [
     'hinge_generator_loss', 'least_squares_discriminator_loss', 'least_squares_generator_loss',
     'AdversarialLoss', 'bce_gan', 'hinge_gan', 'least_squares_gan',
     'self_training_cross_entropy',
+    # distillation
+    'pixelwise_kd', 'pairwise_similarity_kd',
 ]
 
 # Public functions name their public home, as numpy's and jax's do, so reprs, pickles, docs

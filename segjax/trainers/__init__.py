@@ -11,6 +11,8 @@ state's `params` and `batch_stats` (the segmentation network) only.
   adversarial.trainer        Luc et al. 2016: a discriminator tells (image, label map) pairs apart
   semisupervised.trainer     Hung et al. 2018: a pixel-wise discriminator's confidence on
                              unlabelled images drives an adversarial and a self-training loss
+  distillation.trainer       Hinton et al. 2015 / Liu et al. 2019: a frozen teacher's softened
+                             per-pixel distribution (and pairwise similarities) next to labels
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class Trainer:
     # The batches also carry 'unlabelled_image' [B, H, W, 3] from the train split's images
     # outside config.data.labelled_fraction (their labels are never read).
     unlabelled_images: bool = False
+    # mesh -> arrays the step reads but never changes (a distillation teacher's weights): the
+    # loop calls it once and passes its result to every step as a 4th argument, so it is never
+    # checkpointed nor compiled into the step as constants. None: the step takes 3 arguments.
+    load_frozen: Callable | None = None
 
 
 def supervised(*, model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
