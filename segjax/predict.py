@@ -7,10 +7,14 @@ Segments images with a checkpoint. For each input image `name.ext` it writes `na
 written beside them as `name_nocrf_mask.png`, `name_nocrf_color.png` and `name_nocrf_overlay.png`,
 plus `name_crf_compare.png`: the image, the overlay without and the overlay with the CRF, side by
 side.
+
+With --exported <dir> (instead of --config/--workdir) it runs a model written by
+python -m segjax.export, in any of its formats, and writes the same mask/color/overlay PNGs.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import glob
 import os
@@ -79,7 +83,37 @@ def write_crf_comparison(output_dir: str, name: str, image: np.ndarray, mask: np
         os.path.join(output_dir, f'{name}_crf_compare.png'))
 
 
+def predict_exported(argv: Sequence[str]) -> list[str]:
+    """--exported DIR: the same PNGs from a model written by segjax.export (no checkpoint, no
+    model code; the palette comes from the directory's export.json)."""
+    from segjax.export import artefact
+
+    parser = argparse.ArgumentParser(
+        prog='segjax.predict', description='segments images with an exported model')
+    parser.add_argument('--exported', required=True, help='a directory segjax.export wrote')
+    parser.add_argument('--input', required=True, help='an image, a directory or a glob')
+    parser.add_argument('--output', required=True, help='directory for the output PNGs')
+    args = parser.parse_args(argv)
+    try:
+        paths = list_inputs(args.input)
+        images = [read_rgb(p) for p in paths]
+        exported = artefact.load(args.exported)
+        masks = [exported(image[None])['classes'][0] for image in images]
+    except (InputError, FileNotFoundError, artefact.ExportedInputError) as e:
+        parser.exit(1, f'segjax.predict: error: {e}\n')
+    palette = np.asarray(exported.spec['palette'], np.uint8)
+    os.makedirs(args.output, exist_ok=True)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for name, image, mask in zip(names, images, masks, strict=True):
+        write_outputs(args.output, name, image, mask, palette)
+    print(f'wrote {len(names)} x (mask, color, overlay) PNGs to {args.output} '
+          f'({exported.spec["format"]} model)')
+    return names
+
+
 def main(argv: Sequence[str]) -> list[str]:
+    if any(a == '--exported' or a.startswith('--exported=') for a in argv):
+        return predict_exported(argv)
     parser = cli.argument_parser('segjax.predict', __doc__.splitlines()[2])
     parser.add_argument('--input', required=True, help='an image, a directory or a glob')
     parser.add_argument('--output', required=True, help='directory for the output PNGs')

@@ -41,7 +41,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                                         precision=precision, **kwargs)
     # A 1x1 window pads nothing under 'SAME' or 'VALID'; a stride just subsamples.
     stride_h, stride_w = window_strides
-    x = lhs[:, ::stride_h, ::stride_w, :]
+    # lax.slice, not lhs[:, ::s, ::s]: under a symbolic batch (segjax.export) indexing becomes
+    # a dynamic gather, which TFLite cannot convert.
+    x = lax.slice(lhs, (0, 0, 0, 0), lhs.shape, (1, stride_h, stride_w, 1))
     batch, height, width, channels = x.shape
     y = jnp.dot(x.reshape(-1, channels), rhs.reshape(channels, -1), precision=precision)
     return y.reshape(batch, height, width, -1)
