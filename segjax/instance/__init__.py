@@ -10,7 +10,9 @@ torchvision (a test oracle only) checks them number for number:
   fpn.py         ResNet + FPN backbone (P2-P6) with frozen BatchNorm
   rpn.py         RPN head and eval-mode proposal selection
   roi_heads.py   box head + predictor, mask head + predictor
+  matching.py    Matcher (IoU thresholds, low-quality matches) and the balanced sampler
+  losses.py      RPN / Fast R-CNN / mask targets and losses (torchvision's)
   postprocess.py detections (per-class NMS, top-k), class masks, masks pasted into the image
-  maskrcnn.py    the whole eval-mode Mask R-CNN module
+  maskrcnn.py    the whole Mask R-CNN module: eval forward and training losses
   torchvision_weights.py  torchvision detection state dicts -> these modules' variables
 """
