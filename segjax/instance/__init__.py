@@ -14,5 +14,6 @@ torchvision (a test oracle only) checks them number for number:
   losses.py      RPN / Fast R-CNN / mask targets and losses (torchvision's)
   postprocess.py detections (per-class NMS, top-k), class masks, masks pasted into the image
   maskrcnn.py    the whole Mask R-CNN module: eval forward and training losses
+  coco_eval.py   COCO box and mask AP through pycocotools, image by image
   torchvision_weights.py  torchvision detection state dicts -> these modules' variables
 """
