@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from segjax.models import deeplab, fcn, pspnet, resnet, segnet, unet
+from segjax.models import deeplab, fcn, pspnet, resnet, segformer, segnet, unet
 
 # (family, backbone, model, experiment file or '-'), the models as the experiments build them.
 MODELS = [
@@ -46,6 +46,9 @@ MODELS = [
     ('SegNet', 'VGG16-BN encoder', segnet.SegNetVGG16, '-'),
     ('SegNet', 'width 16', functools.partial(segnet.SegNet, base_width=16),
      'segnet_synthetic.py'),
+    ('SegFormer-B0', 'MiT-B0, decoder 256 wide', segformer.SegFormerB0,
+     'segformer_b0_{ade20k,cityscapes}.py'),
+    ('SegFormer-B2', 'MiT-B2, decoder 768 wide', segformer.SegFormerB2, 'segformer_b2_ade20k.py'),
 ]
 
 

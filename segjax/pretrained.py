@@ -1,14 +1,19 @@
 """Published PyTorch weights into segjax models, without importing torch and without running
 pickled code.
 
-Files are read by `segjax.pth.read_state_dict` (`.safetensors`, and `.pth` files through a
-restricted unpickler that treats every file as hostile). Two layouts load into the models of
-`segjax.models`:
+Files are read by `read_weights`: `.safetensors` by `segjax.safetensors`, `.pth`/`.bin` by
+`segjax.pth.read_state_dict` (a restricted unpickler that treats every file as hostile). These
+layouts load into the models of `segjax.models`:
   * ImageNet ResNets (torchvision's `resnet18/50/101`, timm's `resnet*` and `resnet*c`, mmcv's
     `resnet50_v1c`) into the 'backbone' of any ResNet-based model. The ImageNet classifier
     (`fc.*`) is left out unless the model has an `fc` (`ResNetClassifier`).
   * torchvision's segmentation checkpoints `fcn_resnet50/101` and `deeplabv3_resnet50/101` into
     `FCNResNet` / `DeepLabV3` (with `aux_head=True` when the file has `aux_classifier.*`).
+  * Hugging Face `transformers`' SegFormer checkpoints into `segjax.models.segformer.SegFormer`:
+    `nvidia/segformer-b*-finetuned-*` (`segformer.*` and `decode_head.*`) fill the whole model,
+    `nvidia/mit-b*` ImageNet encoders only its 'backbone' (their `classifier.*` is left out).
+    The hub's names and those of transformers >= 5's in-memory modules are both understood
+    (`load_segformer_into`); `.safetensors` files are read by `segjax.safetensors`.
 
 Loading is all or nothing: source names that map to nothing, model parameters the file does not
 provide and shapes that differ are collected and raised together in one `PretrainedError`; a
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from segjax.pth import PretrainedError, read_state_dict
+from segjax.safetensors import read_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # Names: torch module paths <-> segjax module paths ('/'-joined). Each rule is a pair of
@@ -168,11 +174,12 @@ def load_into(variables: Mapping, source: str | os.PathLike | Mapping[str, np.nd
               skip: Iterable[str] = ()) -> dict:
     """`variables` ({'params', 'batch_stats'} of a segjax model) with the weights of `source`.
 
-    `source` is a weights file (see `read_state_dict`) or a state dict. What must match:
+    `source` is a weights file (see `read_weights`) or a state dict. What must match:
       * an ImageNet ResNet (no `backbone.` names) fills all of the model's 'backbone' (and
         'fc' if the model has one); the other modules (heads) keep their values;
       * a torchvision segmentation checkpoint (`backbone.*`, `classifier.*`) fills the whole
         model; its `aux_classifier.*` needs a model with aux_head=True.
+      * a Hugging Face SegFormer checkpoint (`segformer.*`): see `load_segformer_into`.
     `skip` lists torch name prefixes to leave out, whose parameters then keep their values:
     e.g. skip=('classifier.4.', 'aux_classifier.4.') to fine-tune a 21-class checkpoint on 19.
 
@@ -180,8 +187,10 @@ def load_into(variables: Mapping, source: str | os.PathLike | Mapping[str, np.nd
     file's names) and shape mismatch, led by the depth/width of both backbones when those
     differ; nothing is returned half-loaded. Returns new variables (float32 numpy leaves).
     """
-    state = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
+    state = read_weights(source) if isinstance(source, (str, os.PathLike)) else source
     skip = tuple(skip)
+    if is_segformer(state):
+        return load_segformer_into(variables, state, skip=skip, source_name=_source_name(source))
     converted, unmapped = convert_state_dict(state)
     targets = {c: _flatten(variables.get(c, {})) for c in ('params', 'batch_stats')}
     segmentation = any(name.startswith('backbone.') for name in state)
@@ -223,8 +232,7 @@ def load_into(variables: Mapping, source: str | os.PathLike | Mapping[str, np.nd
     if not any(items for _, items in problems):
         return {**variables, **{c: _replace(variables[c], loaded[c]) for c in targets
                                 if c in variables}}
-    source_name = source if isinstance(source, (str, os.PathLike)) else 'the state dict'
-    lines = [f'cannot load {source_name} into this model; nothing was loaded:']
+    lines = [f'cannot load {_source_name(source)} into this model; nothing was loaded:']
     file_resnet = _resnet_layout({f'{module}/{leaf}': value.shape for (c, module, leaf), (_, value)
                                   in converted.items() if c == 'params'})
     model_resnet = _resnet_layout({p: tuple(v.shape) for p, v in targets['params'].items()})
@@ -279,3 +287,198 @@ def _describe_resnet(layout: tuple) -> str:
     return (f'a ResNet-{_resnet_depth(blocks, bottleneck)} '
             f'({"bottleneck" if bottleneck else "basic"} blocks {"-".join(map(str, blocks))}, '
             f'base_width {width}{", deep stem" if deep_stem else ""})')
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict in a weights file: `.safetensors` through `segjax.safetensors` (header
+    bounded and checked before any tensor is read), anything else through
+    `segjax.pth.read_state_dict`. Raises FileNotFoundError or PretrainedError."""
+    if os.fspath(path).endswith('.safetensors'):
+        return read_safetensors(path)
+    return read_state_dict(path)
+
+
+def _source_name(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else 'the state dict'
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face SegFormer: transformers' module paths <-> segjax.models.segformer's.
+
+# The names on the hub (transformers < 5 modules; transformers >= 5 still saves them).
+_SEGFORMER_HUB = (
+    ('encoder.patch_embeddings.{i}.proj', 'backbone/patch_embed{i}'),
+    ('encoder.patch_embeddings.{i}.layer_norm', 'backbone/patch_embed{i}_norm'),
+    ('encoder.block.{i}.{j}.layer_norm_1', 'backbone/block{i}_{j}/norm1'),
+    ('encoder.block.{i}.{j}.attention.self.query', 'backbone/block{i}_{j}/attention/query'),
+    ('encoder.block.{i}.{j}.attention.self.key', 'backbone/block{i}_{j}/attention/key'),
+    ('encoder.block.{i}.{j}.attention.self.value', 'backbone/block{i}_{j}/attention/value'),
+    ('encoder.block.{i}.{j}.attention.self.sr', 'backbone/block{i}_{j}/attention/sr'),
+    ('encoder.block.{i}.{j}.attention.self.layer_norm', 'backbone/block{i}_{j}/attention/sr_norm'),
+    ('encoder.block.{i}.{j}.attention.output.dense', 'backbone/block{i}_{j}/attention/out'),
+    ('encoder.block.{i}.{j}.layer_norm_2', 'backbone/block{i}_{j}/norm2'),
+    ('encoder.block.{i}.{j}.mlp.dense1', 'backbone/block{i}_{j}/mlp/fc1'),
+    ('encoder.block.{i}.{j}.mlp.dwconv.dwconv', 'backbone/block{i}_{j}/mlp/dwconv'),
+    ('encoder.block.{i}.{j}.mlp.dense2', 'backbone/block{i}_{j}/mlp/fc2'),
+    ('encoder.layer_norm.{i}', 'backbone/norm{i}'),
+    ('decode_head.linear_c.{i}.proj', 'decode_head/linear_c{i}'),
+)
+# transformers >= 5's module names (what `model.state_dict()` gives there).
+_SEGFORMER_V5 = (
+    ('stages.{i}.patch_embeddings.proj', 'backbone/patch_embed{i}'),
+    ('stages.{i}.patch_embeddings.layer_norm', 'backbone/patch_embed{i}_norm'),
+    ('stages.{i}.blocks.{j}.layernorm_before', 'backbone/block{i}_{j}/norm1'),
+    ('stages.{i}.blocks.{j}.attention.q_proj', 'backbone/block{i}_{j}/attention/query'),
+    ('stages.{i}.blocks.{j}.attention.k_proj', 'backbone/block{i}_{j}/attention/key'),
+    ('stages.{i}.blocks.{j}.attention.v_proj', 'backbone/block{i}_{j}/attention/value'),
+    ('stages.{i}.blocks.{j}.attention.sequence_reduction.sequence_reduction',
+     'backbone/block{i}_{j}/attention/sr'),
+    ('stages.{i}.blocks.{j}.attention.sequence_reduction.layer_norm',
+     'backbone/block{i}_{j}/attention/sr_norm'),
+    ('stages.{i}.blocks.{j}.attention.o_proj', 'backbone/block{i}_{j}/attention/out'),
+    ('stages.{i}.blocks.{j}.layernorm_after', 'backbone/block{i}_{j}/norm2'),
+    ('stages.{i}.blocks.{j}.mlp.fc1', 'backbone/block{i}_{j}/mlp/fc1'),
+    ('stages.{i}.blocks.{j}.mlp.dwconv.dwconv', 'backbone/block{i}_{j}/mlp/dwconv'),
+    ('stages.{i}.blocks.{j}.mlp.fc2', 'backbone/block{i}_{j}/mlp/fc2'),
+    ('stages.{i}.layer_norm', 'backbone/norm{i}'),
+    ('decode_head.linear_projections.{i}.proj', 'decode_head/linear_c{i}'),
+)
+_SEGFORMER_HEAD = (('decode_head.linear_fuse', 'decode_head/linear_fuse'),
+                   ('decode_head.batch_norm', 'decode_head/bn'),
+                   ('decode_head.classifier', 'decode_head/classifier'))
+_SEGFORMER_RULES = _SEGFORMER_HUB + _SEGFORMER_V5 + _SEGFORMER_HEAD
+
+
+def is_segformer(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is a transformers SegFormer (SegformerForSemanticSegmentation,
+    SegformerForImageClassification or SegformerModel)."""
+    return any(name.startswith(('segformer.', 'decode_head.linear_')) for name in state)
+
+
+def segformer_to_segjax_name(module: str) -> str | None:
+    """The segjax path of a transformers SegFormer module, e.g.
+    'segformer.encoder.block.1.0.attention.self.query' -> 'backbone/block1_0/attention/query';
+    None for modules segjax has no place for (an ImageNet `classifier`)."""
+    return _translate(module.removeprefix('segformer.'), _SEGFORMER_RULES, to_segjax=True)
+
+
+def _segformer_leaf(module: str, leaf: str, value: np.ndarray,
+                    batch_norms: set[str]) -> tuple[str, str, np.ndarray] | None:
+    """(collection, flax leaf, value in flax layout) of one tensor, or None if unknown."""
+    if module in batch_norms:
+        collection_leaf = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+                           'running_mean': ('batch_stats', 'mean'),
+                           'running_var': ('batch_stats', 'var')}.get(leaf)
+        return None if collection_leaf is None else (*collection_leaf, value)
+    if leaf == 'bias':
+        return 'params', 'bias', value
+    if leaf != 'weight':
+        return None
+    if value.ndim == 1:  # LayerNorm
+        return 'params', 'scale', value
+    # Linear (out, in) -> (in, out); convolution OIHW -> HWIO.
+    return 'params', 'kernel', value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+
+
+def load_segformer_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
+                        skip: Iterable[str] = (), source_name: str = 'the state dict') -> dict:
+    """`variables` of a `segjax.models.segformer.SegFormer` with a transformers SegFormer
+    state dict's weights.
+
+    A full checkpoint (`decode_head.*` present) fills the whole model; an encoder checkpoint
+    (`nvidia/mit-b*`) fills the 'backbone' and leaves the decoder as it was, its ImageNet
+    `classifier.*` dropped. `skip` lists file name prefixes to leave out (their parameters keep
+    their values): skip=('decode_head.classifier.',) fine-tunes a 150-class ADE20K model on
+    another number of classes. All or nothing: unmapped names, parameters the model lacks or
+    the file lacks, and shape mismatches (another MiT size) are raised together as one
+    PretrainedError naming file and model names. Returns new variables (float32 numpy leaves).
+    """
+    skip = tuple(skip)
+    tensors = {name: value for name, value in state.items()
+               if not name.endswith('num_batches_tracked') and not name.startswith(skip)}
+    decoder = any(name.startswith('decode_head.') for name in state)
+    if not decoder:  # an ImageNet encoder: its classifier has no place in a segmentation model
+        tensors = {n: v for n, v in tensors.items() if not n.startswith('classifier.')}
+    batch_norms = {n.rsplit('.', 1)[0] for n in tensors if n.endswith('.running_mean')}
+    targets = {c: _flatten(variables.get(c, {})) for c in ('params', 'batch_stats')}
+    loaded = {c: {} for c in targets}
+    sources, unmapped, not_in_model, mismatched = {}, [], [], []
+    for name, value in tensors.items():
+        module, leaf = name.rsplit('.', 1) if '.' in name else ('', name)
+        target = segformer_to_segjax_name(module)
+        converted = None if target is None else _segformer_leaf(
+            module, leaf, np.asarray(value, np.float32), batch_norms)
+        if converted is None:
+            unmapped.append(name)
+            continue
+        collection, new_leaf, value = converted
+        path = f'{target}/{new_leaf}'
+        sources[(collection, path)] = name
+        if path not in targets[collection]:
+            not_in_model.append(f'{name} -> {collection}/{path}')
+        elif tuple(targets[collection][path].shape) != value.shape:
+            mismatched.append(f'{name} {value.shape} -> {collection}/{path} '
+                              f'{tuple(targets[collection][path].shape)}')
+        else:
+            loaded[collection][path] = value
+    skipped = {segformer_to_segjax_name(n.rsplit('.', 1)[0]) for n in state if n.startswith(skip)}
+    missing = [f'{c}/{p}' for c, flat in targets.items() for p in flat
+               if (c, p) not in sources and (decoder or p.startswith('backbone/'))
+               and p.rsplit('/', 1)[0] not in skipped]
+    problems = [(f'{len(unmapped)} names in the file map to no segjax parameter', unmapped),
+                (f'{len(not_in_model)} names map to parameters this model does not have '
+                 '(another MiT variant?)', not_in_model),
+                (f'{len(mismatched)} shapes differ (file, converted to flax layout -> model)',
+                 mismatched),
+                (f'{len(missing)} model parameters are not in the file', missing)]
+    if not any(items for _, items in problems):
+        return {**variables, **{c: _replace(variables[c], loaded[c]) for c in targets
+                                if c in variables}}
+    lines = [f'cannot load {source_name} (a transformers SegFormer) into this model; nothing '
+             'was loaded:']
+    file_mit = _mit_layout(dict(_converted_kernels(tensors)))
+    model_mit = _mit_layout({p: tuple(v.shape) for p, v in targets['params'].items()})
+    if file_mit != model_mit and None not in (file_mit, model_mit):
+        lines.append(f'  the file holds {_describe_mit(file_mit)} but the model is '
+                     f'{_describe_mit(model_mit)}: build the model with hidden_sizes='
+                     f'{file_mit[0]}, depths={file_mit[1]} (e.g. segformer.SegFormerB0..B5) '
+                     'or use weights of its size')
+    for title, items in problems:
+        if items:
+            lines.append(f'  {title}:')
+            lines.extend(f'    {item}' for item in items[:50])
+            if len(items) > 50:
+                lines.append(f'    ... and {len(items) - 50} more')
+    if any(item.startswith('decode_head.classifier.') for item in mismatched):
+        lines.append("  (another number of classes: to train a new classifier, leave the file's "
+                     "out with skip=('decode_head.classifier.',))")
+    raise PretrainedError('\n'.join(lines))
+
+
+def _converted_kernels(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, tuple]]:
+    """('segjax/module/path/kernel', flax-layout shape) of a SegFormer file's 2-D+ weights."""
+    kernels = []
+    for name, value in tensors.items():
+        module, leaf = name.rsplit('.', 1) if '.' in name else ('', name)
+        target = segformer_to_segjax_name(module)
+        if target is not None and leaf == 'weight' and value.ndim >= 2:
+            shape = value.shape[::-1] if value.ndim == 2 else tuple(np.shape(value)[i]
+                                                                     for i in (2, 3, 1, 0))
+            kernels.append((f'{target}/kernel', shape))
+    return kernels
+
+
+def _mit_layout(kernels: Mapping[str, tuple]) -> tuple | None:
+    """(hidden sizes, blocks per stage) of the MiT whose 'backbone/...' kernels (flax layout)
+    are given, or None."""
+    hidden = tuple(kernels[f'backbone/patch_embed{i}/kernel'][-1] for i in range(4)
+                   if f'backbone/patch_embed{i}/kernel' in kernels)
+    depths = tuple(len({m[1] for path in kernels
+                        if (m := re.match(rf'backbone/block{stage}_(\d+)/', path))})
+                   for stage in range(4))
+    return (hidden, depths) if len(hidden) == 4 and 0 not in depths else None
+
+
+def _describe_mit(layout: tuple) -> str:
+    hidden, depths = layout
+    return f'a MiT with hidden sizes {hidden} and {"-".join(map(str, depths))} blocks'
