@@ -286,6 +286,12 @@ def test_the_pruner_stops_a_trial_below_the_median():
     study.pruner = studies.make_pruner('median', startup_trials=2, first_eval=10, num_steps=30,
                                        warmup_steps=20)
     objectives.PruningReporter(study.ask(), 'val/miou').scalars(10, {'val/miou': 0.4})
+    # The last step's evaluation is never pruned: the run trained to the end.
+    study.pruner = studies.make_pruner('median', startup_trials=2, first_eval=10, num_steps=30,
+                                       warmup_steps=0)
+    last = objectives.PruningReporter(study.ask(), 'val/miou', last_step=10)
+    last.scalars(10, {'val/miou': 0.4})
+    assert last.last == (10, 0.4)
 
 
 def test_interrupted_trials_are_queued_again_once():

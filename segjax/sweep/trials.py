@@ -37,10 +37,11 @@ def check_metric(config: ml_collections.ConfigDict, metric: str) -> None:
 
 class PruningReporter:
     """A summary writer (segjax.summary.Writer) that reports `metric` to the trial at every
-    evaluation and stops the run with optuna.TrialPruned when the pruner says so."""
+    evaluation and stops the run with optuna.TrialPruned when the pruner says so, except at
+    `last_step`: a run that trained to the end is a complete trial, whatever its value."""
 
-    def __init__(self, trial, metric: str):
-        self.trial, self.metric = trial, metric
+    def __init__(self, trial, metric: str, last_step: int | None = None):
+        self.trial, self.metric, self.last_step = trial, metric, last_step
         self.last = None  # (step, value) of the latest evaluation
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -49,7 +50,7 @@ class PruningReporter:
         value = float(values[self.metric])
         self.last = (step, value)
         self.trial.report(value, step)
-        if self.trial.should_prune():
+        if step != self.last_step and self.trial.should_prune():
             raise optuna.TrialPruned(f'pruned at step {step}: {self.metric} {value:.4f}')
 
     def images(self, step: int, name: str, images) -> None:
@@ -94,12 +95,12 @@ def make_objective(config_path: str, fixed: Sequence[str], distributions: Mappin
         trial.set_user_attr('command', command)
         trial.set_user_attr('worker', f'{os.uname().nodename}:{os.getpid()}')
         print(f'trial {trial.number}: {" ".join(searched)}  ({trial_dir})', flush=True)
-        reporter = PruningReporter(trial, metric)
         try:
             if os.path.exists(os.path.join(trial_dir, 'checkpoints')):
                 raise SweepError(f'{trial_dir} already holds a run: another study used workdir '
                                  f'{workdir}; give each study its own --workdir')
             config = config_lib.load(config_path, overrides)
+            reporter = PruningReporter(trial, metric, last_step=config.num_steps)
             tag_wandb(config, study_name, trial.number)
             os.makedirs(trial_dir, exist_ok=True)
             result = run(config, trial_dir, extra_writers=[reporter])
