@@ -337,6 +337,7 @@ def test_eval_batches_are_the_mapped_labels_padded(builder):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_prepare_command(tmp_path):
     manual = tmp_path / 'manual'
     manual.mkdir()
@@ -362,6 +363,7 @@ def test_prepare_command(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_ade20k_experiment_trains_and_evaluates_on_the_fake_zip(tmp_path):
     """The experiment's data and recipe end to end (a tiny U-Net in place of the ResNet, with a
     10x LR group), prepared from <data_dir>/downloads/manual as a first run does."""

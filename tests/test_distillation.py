@@ -398,7 +398,8 @@ def student_overrides(data_dir, teacher_workdir, **extra):
                                        'trainer.pairwise_pool_size': 4, **extra})
 
 
-@pytest.mark.slow  # several whole command-line runs: `pytest -m slow` (CI runs it)
+@pytest.mark.slow  # several whole command-line runs: `pytest -m long`
+@pytest.mark.long
 def test_distillation_train_resume_evaluate(tmp_path, e2e_data):
     """Teacher, then student: SIGTERM + resume equals an uninterrupted run; the checkpoints
     hold the student only; evaluating the student does not read the teacher's checkpoint."""
@@ -440,7 +441,8 @@ def test_distillation_train_resume_evaluate(tmp_path, e2e_data):
     assert 'mIoU' in evaluated.stdout
 
 
-@pytest.mark.slow  # a whole command-line run: `pytest -m slow` (CI runs it)
+@pytest.mark.slow  # a whole command-line run: `pytest -m long`
+@pytest.mark.long
 def test_training_without_a_trained_teacher_is_a_one_line_error(tmp_path, e2e_data):
     result = run_cli('segjax.train', '--config', DISTILL, '--workdir', tmp_path / 'student',
                      *student_overrides(e2e_data, tmp_path / 'no_teacher'), check=False)

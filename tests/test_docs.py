@@ -4,8 +4,8 @@ The commands are the fenced ```bash blocks. A block directly preceded by the lin
 `<!-- docs-test: skip: <reason> -->` is not run (the reason is required: it needs the VOC or
 Cityscapes archives, a cluster, root, ...); every other block is run by the slow test.
 
-The slow test (`pytest -m docs`; plain `pytest` and CI's `-m "slow and not docs"` deselect
-it) runs the blocks
+The slow test (`pytest -m docs`; plain `pytest` and CI's
+`-m "slow and not docs and not long"` deselect it) runs the blocks
 - each with `bash -e`, as written, in one temporary directory laid out like a clone's root
   (copies of experiments/, benchmarks/ without results/, docs/, README.md, requirements*.txt,
   pyproject.toml, setup.cfg), the README's blocks first and then each docs page's, pages in

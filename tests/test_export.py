@@ -126,6 +126,7 @@ def test_round_trip_unet(tiny, fmt, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize('name', ['unet', 'deeplabv3plus'])
 @pytest.mark.parametrize('fmt', ['stablehlo', 'savedmodel', 'tflite', 'onnx'])
 def test_round_trip_float_formats(name, fmt, tmp_path):
@@ -135,6 +136,7 @@ def test_round_trip_float_formats(name, fmt, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize('name', ['unet', 'deeplabv3plus'])
 def test_round_trip_tflite_int8(name, tmp_path):
     """Full-integer: the convolutions run on int8 tensors; uint8 in, int32/float32 out."""
@@ -159,6 +161,7 @@ def test_round_trip_tflite_int8(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_stablehlo_runs_without_segjax(tiny, tmp_path):
     """The artefact needs jax alone: a fresh process that never imports segjax."""
     exported = export('stablehlo', tiny['serving'], tmp_path)
@@ -257,6 +260,7 @@ def tiny_overrides(data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cli_export_then_predict_exported(tmp_path):
     """train -> export (the raw weights to stablehlo; the EMA weights to tflite_int8,
     calibrated on the eval split) -> predict --exported writes the masks segjax.predict writes

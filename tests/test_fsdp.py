@@ -141,6 +141,7 @@ def train_steps(config, batches):
 
 
 @pytest.mark.slow  # compiles each model's init and step twice: minutes on 2 busy cores
+@pytest.mark.long
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_fsdp_step_equals_the_replicated_step(name):
     model_fn, options = MODELS[name]
@@ -274,7 +275,8 @@ def restored(experiment_path, workdir, overrides):
     return jax.device_get(experiment.restore_state(config, str(workdir), sharding.make_mesh())[1])
 
 
-@pytest.mark.slow  # several whole runs in subprocesses: `pytest -m slow` (CI runs it)
+@pytest.mark.slow  # several whole runs in subprocesses: `pytest -m long`
+@pytest.mark.long
 def test_an_fsdp_checkpoint_from_8_devices_resumes_on_4_and_on_1_as_if_uninterrupted(
         tmp_path, e2e_data):
     experiment_path = tmp_path / 'unet_sgd.py'

@@ -328,6 +328,7 @@ def test_resnet_fpn_loading_errors_name_the_problem(tv):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_maskrcnn_resnet50_fpn_backbone_matches_torchvision(tv, tmp_path):
     """The backbone of torchvision's maskrcnn_resnet50_fpn (random init, random frozen-norm
     statistics), through a .pth file read by segjax's reader."""

@@ -387,6 +387,7 @@ def _instances(rng, image_size, padded, count):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_train_losses_match_torchvision_training_forward(tv):
     """torchvision's MaskRCNN (ResNet-18-FPN, 5 classes) in train mode vs `train_losses` on a
     batch of a 64 x 96 image with 3 instances and a 64 x 80 one with none. Sampling is made
@@ -445,6 +446,7 @@ def test_train_losses_match_torchvision_training_forward(tv):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_train_losses_gradients():
     """A tiny model with the default (random) sampling: finite losses, gradients reaching the
     RPN and every head, a different draw for a different key."""

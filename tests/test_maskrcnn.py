@@ -396,6 +396,7 @@ def _compare_with_torchvision(torch, torch_model, ours: MaskRCNN, state_dict, im
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_maskrcnn_resnet18_fpn_matches_torchvision(tv):
     """A torchvision MaskRCNN over a ResNet-18-FPN, 5 classes, a batch of a 64 x 96 and a
     64 x 80 image (its transform keeps the sizes, pads the second): every stage and the final
@@ -417,6 +418,7 @@ def test_maskrcnn_resnet18_fpn_matches_torchvision(tv):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_maskrcnn_resnet50_fpn_matches_torchvision(tv, tmp_path):
     """torchvision's maskrcnn_resnet50_fpn (random init, scaled heads), saved to a .pth file and
     read by segjax's reader, on a 128 x 160 image."""

@@ -218,6 +218,7 @@ def test_b0_logits_equal_transformers_after_import(tmp_path):
 
 
 @pytest.mark.slow  # ~20-30 s on a busy 2-core CPU (B2's 27M parameters, saved twice)
+@pytest.mark.long
 def test_b2_logits_equal_transformers_after_import(tmp_path):
     _check_parity(B2, segformer.SegFormerB2(num_classes=5), tmp_path, (1, 64, 64, 3))
 

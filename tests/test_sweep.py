@@ -413,6 +413,7 @@ def wait_for(predicate, timeout, what):
 
 
 @pytest.mark.slow  # two worker processes, 7 short trainings, a reproduction: `pytest -m slow`
+@pytest.mark.long
 def test_two_workers_one_killed_complete_the_study(tmp_path, e2e_data):
     # Prepared first, as for runs on several machines (docs/data.md): this test is about trials.
     prepare.prepared(lambda: synthetic.SyntheticShapes(data_dir=e2e_data, config='smoke'))

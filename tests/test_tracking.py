@@ -284,6 +284,7 @@ def test_wandb_config_from_the_command_line_and_a_sweep():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_nothing_imports_wandb_unless_a_project_is_set(tmp_path):
     code = (
         'import sys\n'
@@ -297,6 +298,7 @@ def test_nothing_imports_wandb_unless_a_project_is_set(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_train_command_logs_an_offline_wandb_run(offline_wandb, tmp_path):
     from test_end_to_end import run_cli, tiny_overrides
 
