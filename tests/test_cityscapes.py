@@ -284,6 +284,7 @@ def run_prepare(data_dir, manual_dir, *flags):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_prepare_command_prints_its_own_lines_unless_verbose(tmp_path):
     manual = tmp_path / 'manual'
     manual.mkdir()

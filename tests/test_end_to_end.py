@@ -51,6 +51,7 @@ def trained(tmp_path_factory):
             'first': first.stdout, 'second': second.stdout}
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_train_checkpoints_and_writes_metrics(trained):
     assert 'starting step 0/4' in trained['first']
     assert 'step 4/4' in trained['first']
@@ -88,6 +89,7 @@ def test_resume_continues_from_the_last_checkpoint(trained):
     assert checkpoint_steps(trained['workdir'])[-1] == 6
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_evaluate_latest_and_given_step(trained):
     result = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', trained['workdir'],
                      *tiny_overrides(trained['data_dir']))
@@ -109,6 +111,7 @@ def test_evaluate_latest_and_given_step(trained):
     assert json.loads((trained['workdir'] / 'eval' / 'metrics.json').read_text())['step'] == 4
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_predict_writes_mask_colour_and_overlay(trained):
     inputs = trained['root'] / 'images'
     inputs.mkdir()

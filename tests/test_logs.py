@@ -132,12 +132,14 @@ def trained(tmp_path_factory):
     return {'workdir': workdir, 'data_dir': data_dir, 'root': root, 'output': output}
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_train_prints_only_its_own_lines(trained):
     assert_quiet(trained['output'])
     assert 'preparing synthetic_shapes/smoke/1.0.0' in trained['output']
     assert 'starting step 0/2' in trained['output'] and 'step 2/2' in trained['output']
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_evaluate_and_predict_quiet_and_verbose(trained):
     args = ['--config', EXPERIMENT, '--workdir', trained['workdir'],
             *tiny_overrides(trained['data_dir'])]

@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType
 
 from segjax import losses, optim, sharding, step
@@ -85,6 +86,7 @@ def test_cli_flags_are_as_accurate_as_xla_defaults_and_the_old_flags_were_not():
     assert old['sum_third'] > 1e-4, old
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_one_and_four_devices_agree_on_a_train_step():
     # The default experiment's model family and loss, one step on the same global batch.
     model = unet.UNet(num_classes=8, base_width=8, depth=3)

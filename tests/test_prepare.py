@@ -62,6 +62,7 @@ def assert_data_is_tiny(data_dir) -> None:
             np.testing.assert_array_equal(ex['label'][..., 0], label)
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_two_processes_prepare_one_fresh_data_dir_at_once(tmp_path):
     data_dir = tmp_path / 'tfds'
     start_at = time.time() + 25  # after both have imported TFDS (slow on a busy machine)

@@ -319,6 +319,7 @@ def test_reads_what_torch_save_writes(tmp_path):
         assert loaded['n'].dtype == np.int64 and loaded['b'].shape == (2, 3)
 
 
+@pytest.mark.slow  # a whole run or several processes: CI's slow line
 def test_config_pretrained_loads_the_backbone_of_a_training_run(tmp_path, e2e_data):
     from test_end_to_end import ROOT, run_cli, tiny_overrides
 
