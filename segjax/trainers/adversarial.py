@@ -131,8 +131,8 @@ def finish_step(state: step.TrainState, grads, batch_stats, discriminator_state:
 def check_no_accumulation(grad_accum_steps: int, name: str) -> None:
     if grad_accum_steps != 1:
         raise config_lib.ConfigError(
-            f'config.grad_accum_steps={grad_accum_steps}: {name} trains two networks in one '
-            'step and does not accumulate gradients; use 1')
+            f'config.grad_accum_steps={grad_accum_steps}: {name} does not accumulate '
+            'gradients over micro-batches (its step takes the whole batch); use 1')
 
 
 def train_step(state: step.TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
