@@ -36,13 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import (
+    ROOT,
+    initial_train_state,
+    load_average,
+    load_config,
+    machine_summary,
+    parse_args_and_overrides,
+    train_once,
+    write_report,
+)
 
 UNET = 'experiments/unet_synthetic.py'
 CRF_RNN = 'experiments/crf_rnn_unet_synthetic.py'
@@ -77,24 +82,13 @@ def finetune_base(args) -> str:
 
 
 def config_of(name: str, args):
-    from segjax import config as config_lib
-
-    overrides = [o[len('--config.'):] for o in run_overrides(name, args)]
-    return config_lib.load(os.path.join(ROOT, experiment_of(name)), overrides)
+    return load_config(experiment_of(name), run_overrides(name, args))
 
 
 def train(name: str, args) -> dict:
     """Trains run `name` unless its metrics.json exists; its final evaluation and wall time."""
-    workdir = os.path.join(args.workdir, name)
-    metrics_path = os.path.join(workdir, 'metrics.json')
-    if not os.path.exists(metrics_path):
-        command = [sys.executable, '-m', 'segjax.train', '--config', experiment_of(name),
-                   '--workdir', workdir, '--compilation_cache', args.compilation_cache,
-                   *run_overrides(name, args)]
-        print('$', ' '.join(command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
-    with open(metrics_path) as f:
-        metrics = json.load(f)
+    metrics = train_once(experiment_of(name), os.path.join(args.workdir, name), [
+        '--compilation_cache', args.compilation_cache, *run_overrides(name, args)])
     return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'],
             'train_wall_s': metrics['wall_seconds_this_run']}
 
@@ -104,16 +98,14 @@ def write_finetune_start(args) -> None:
     holds finetune_base's trained weights; segjax.train then resumes from it."""
     import jax
 
-    from segjax import checkpoint, experiment, optim, sharding
+    from segjax import checkpoint, experiment, sharding
 
     workdir = os.path.join(args.workdir, 'finetuned')
     if os.path.isdir(experiment.checkpoint_dir(workdir)):
         return
     mesh = sharding.make_mesh()
     config = config_of('finetuned', args)
-    model = experiment.make_model(config)
-    tx, _ = optim.make(config)
-    init, _ = experiment.initial_state(experiment.make_trainer(config, model, tx), mesh, config)
+    _, init, _ = initial_train_state(config, mesh)
     state = init(jax.random.split(jax.random.key(config.seed))[0])
     base = finetune_base(args)
     _, trained = experiment.restore_state(config_of(base, args),
@@ -184,10 +176,6 @@ def learnt_crf(name: str, args) -> dict:
               for key in ('appearance_weight', 'smoothness_weight', 'compatibility')
               if key in state.params}
     return learnt
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
 
 
 def percent(x: float) -> str:
@@ -270,11 +258,7 @@ def main() -> None:
     parser.add_argument('--finetune_lr', type=float, default=1e-3)
     parser.add_argument('--out', default=os.path.join(
         ROOT, 'benchmarks', 'results', time.strftime('%Y-%m-%d') + '-crf_rnn'))
-    args, overrides = parser.parse_known_args()  # the rest: --config.key=value for every run
-    unknown = [o for o in overrides if not o.startswith('--config.')]
-    if unknown:
-        parser.error(f'unrecognized arguments: {" ".join(unknown)}')
-    args.overrides = overrides
+    args = parse_args_and_overrides(parser)  # the rest: --config.key=value for every run
     args.compilation_cache = os.path.join(args.workdir, 'jax_cache')
 
     from segjax import sharding
@@ -303,9 +287,7 @@ def main() -> None:
                f'--depth {args.depth} --finetune_steps {args.finetune_steps} '
                f'--finetune_base_steps {args.finetune_base_steps} '
                f"--crf_grid '{args.crf_grid}'{''.join(' ' + o for o in args.overrides)}")
-    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load '
-               f'average (1 min) {load_start:.2f} at start, {load_average():.2f} at end; '
-               f'{(time.time() - start) / 60:.1f} minutes in all')
+    machine = machine_summary(start, load_start)
     text = (f'# CRF-as-RNN vs post-hoc dense CRF on the embedded data set '
             f'({time.strftime("%Y-%m-%d")})\n\n`{command}`\n\n{table(results, args)}\n\n'
             f'Learnt CRF parameters:\n\n{learnt_lines(results)}\n\n'
@@ -313,12 +295,8 @@ def main() -> None:
             'One seed.\n\n'
             f'machine: {machine}\n')
     print(text)
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out + '.md', 'w') as f:
-        f.write(text)
-    with open(args.out + '.json', 'w') as f:
-        json.dump({'args': vars(args), 'command': command, 'results': results,
-                   'machine': machine}, f, indent=1)
+    write_report(args.out, text, {'args': vars(args), 'command': command, 'results': results,
+                                  'machine': machine})
 
 
 if __name__ == '__main__':

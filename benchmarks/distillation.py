@@ -25,16 +25,20 @@ goes to benchmarks/results/<date>-distillation.md and .json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import (
+    ROOT,
+    load_average,
+    load_config,
+    machine_summary,
+    parse_args_and_overrides,
+    train_once,
+    wall_seconds,
+    write_report,
+)
 
 # name -> (experiment, its overrides): the teacher first, the students read its workdir.
 RUNS = {
@@ -56,21 +60,9 @@ def run_overrides(name: str, args) -> list[str]:
 
 def train(name: str, args) -> dict:
     workdir = os.path.join(args.root, name)
-    metrics_path = os.path.join(workdir, 'metrics.json')
-    if not os.path.exists(metrics_path):
-        command = [sys.executable, '-m', 'segjax.train', '--config', RUNS[name][0],
-                   '--workdir', workdir, *run_overrides(name, args)]
-        print('$', ' '.join(command), flush=True)
-        start = time.time()
-        subprocess.run(command, cwd=ROOT, check=True)
-        with open(os.path.join(workdir, 'wall_seconds.txt'), 'w') as f:
-            f.write(f'{time.time() - start:.1f}\n')
-    with open(metrics_path) as f:
-        metrics = json.load(f)
-    with open(os.path.join(workdir, 'wall_seconds.txt')) as f:
-        wall = float(f.read())
+    metrics = train_once(RUNS[name][0], workdir, run_overrides(name, args))
     return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'],
-            'per_class_iou': metrics['per_class_iou'], 'train_wall_s': wall}
+            'per_class_iou': metrics['per_class_iou'], 'train_wall_s': wall_seconds(workdir)}
 
 
 def restored_forward(name: str, args):
@@ -78,11 +70,9 @@ def restored_forward(name: str, args):
     import jax
     import numpy as np
 
-    from segjax import config as config_lib
     from segjax import experiment, sharding, step
 
-    overrides = [o[len('--config.'):] for o in run_overrides(name, args)]
-    config = config_lib.load(os.path.join(ROOT, RUNS[name][0]), overrides)
+    config = load_config(RUNS[name][0], run_overrides(name, args))
     model, state = experiment.restore_state(config, os.path.join(args.root, name),
                                             sharding.make_mesh())
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -111,10 +101,6 @@ def parameters_and_latency(args) -> dict:
             for name in RUNS}
 
 
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'distillation'))
@@ -127,11 +113,7 @@ def main() -> None:
     parser.add_argument('--distill', action='append', default=[], metavar='KEY=VALUE',
                         help='a config override of the distilled run only, e.g. '
                              'trainer.kd_weight=0.5 (repeatable)')
-    args, overrides = parser.parse_known_args()  # the rest: --config.key=value for every run
-    unknown = [o for o in overrides if not o.startswith('--config.')]
-    if unknown:
-        parser.error(f'unrecognized arguments: {" ".join(unknown)}')
-    args.overrides = overrides
+    args = parse_args_and_overrides(parser)  # the rest: --config.key=value for every run
     args.distill_overrides = ['--config.' + o for o in args.distill]
 
     from segjax import sharding
@@ -154,9 +136,7 @@ def main() -> None:
                      f'{r["train_wall_s"] / 60:.1f} |')
     gain = 100 * (results['distilled']['miou'] - results['student']['miou'])
     table = '\n'.join(lines)
-    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load '
-               f'average (1 min) {load_start:.2f} at start, {load_average():.2f} at end; '
-               f'{(time.time() - start) / 60:.1f} minutes in all')
+    machine = machine_summary(start, load_start)
     text = (f'# Distillation on the embedded data set ({time.strftime("%Y-%m-%d")})\n\n'
             f'`python benchmarks/distillation.py --teacher_steps {args.teacher_steps} '
             f'--student_steps {args.student_steps} --seed {args.seed}'
@@ -165,12 +145,9 @@ def main() -> None:
             f'distilled - student alone: {gain:+.2f} mIoU (one seed).\n\n'
             f'machine: {machine}\n')
     print(text)
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out + '.md', 'w') as f:
-        f.write(text)
-    with open(args.out + '.json', 'w') as f:
-        json.dump({'args': vars(args), 'steps': steps, 'results': results,
-                   'distilled_minus_student_miou': gain / 100, 'machine': machine}, f, indent=1)
+    write_report(args.out, text, {'args': vars(args), 'steps': steps, 'results': results,
+                                  'distilled_minus_student_miou': gain / 100,
+                                  'machine': machine})
 
 
 if __name__ == '__main__':

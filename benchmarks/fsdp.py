@@ -36,9 +36,10 @@ sharding.configure_runtime()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import initial_train_state  # noqa: E402
 
 from segjax import config as config_lib  # noqa: E402
-from segjax import experiment, optim  # noqa: E402
+from segjax import experiment  # noqa: E402
 from segjax.models import deeplab, unet  # noqa: E402
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -57,10 +58,7 @@ def make_config(model_fn, mode: str, crop: int, batch: int, **model_options):
 
 def trainer_and_state(config, allocate: bool = True):
     mesh = sharding.make_mesh()
-    model = experiment.make_model(config)
-    tx, _ = optim.make(config)
-    trainer = experiment.make_trainer(config, model, tx)
-    init, abstract = experiment.initial_state(trainer, mesh, config)
+    trainer, init, abstract = initial_train_state(config, mesh)
     return mesh, trainer, abstract, init(jax.random.key(0)) if allocate else None
 
 

@@ -18,14 +18,11 @@ to <root>/semisupervised.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, train_once, wall_seconds, write_report
+
 KINDS = {'supervised': 'experiments/unet_synthetic.py',
          'adversarial': 'experiments/adversarial_unet_synthetic.py',
          'semisupervised': 'experiments/semisup_unet_synthetic.py'}
@@ -33,22 +30,12 @@ KINDS = {'supervised': 'experiments/unet_synthetic.py',
 
 def train(kind: str, seed: int, args) -> dict:
     workdir = os.path.join(args.root, f'{kind}-seed{seed}')
-    metrics_path = os.path.join(workdir, 'metrics.json')
-    if not os.path.exists(metrics_path):
-        command = [sys.executable, '-m', 'segjax.train', '--config', KINDS[kind], '--workdir',
-                   workdir, f'--config.seed={seed}', f'--config.num_steps={args.num_steps}',
-                   f'--config.data.labelled_fraction={args.labelled_fraction}',
-                   '--config.eval_every=0', *args.overrides]
-        print('$', ' '.join(command), flush=True)
-        start = time.time()
-        subprocess.run(command, cwd=ROOT, check=True)
-        with open(os.path.join(workdir, 'wall_seconds.txt'), 'w') as f:
-            f.write(f'{time.time() - start:.1f}\n')
-    with open(metrics_path) as f:
-        metrics = json.load(f)
-    with open(os.path.join(workdir, 'wall_seconds.txt')) as f:
-        wall = float(f.read())
-    return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'], 'wall': wall}
+    metrics = train_once(KINDS[kind], workdir, [
+        f'--config.seed={seed}', f'--config.num_steps={args.num_steps}',
+        f'--config.data.labelled_fraction={args.labelled_fraction}', '--config.eval_every=0',
+        *args.overrides])
+    return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'],
+            'wall': wall_seconds(workdir)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -78,11 +65,8 @@ def main() -> None:
                      f'{statistics.mean(r["wall"] for r in runs) / 60:.1f} |')
     table = '\n'.join(lines)
     print(table)
-    os.makedirs(args.root, exist_ok=True)
-    with open(os.path.join(args.root, 'semisupervised.md'), 'w') as f:
-        f.write(table + '\n')
-    with open(os.path.join(args.root, 'semisupervised.json'), 'w') as f:
-        json.dump({'args': vars(args), 'results': results}, f, indent=1)
+    write_report(os.path.join(args.root, 'semisupervised'), table + '\n',
+                 {'args': vars(args), 'results': results})
 
 
 if __name__ == '__main__':

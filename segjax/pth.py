@@ -1,8 +1,9 @@
 """State dicts from weights files that strangers publish, read without torch and without trust.
 
-`read_state_dict(path)` reads `.safetensors` and both layouts of `torch.save` (the zip format of
-torch >= 1.6 and the legacy pre-1.6 format) into {name: numpy array}. A `.pth` holds a pickle,
-and a pickle is a program, so this reader assumes every file is hostile:
+`read_state_dict(path)` reads both layouts of `torch.save` (the zip format of torch >= 1.6 and
+the legacy pre-1.6 format) into {name: numpy array}, and hands `.safetensors` files to
+`segjax.safetensors.read_safetensors` (bounded header, offsets, dtypes, duplicate names). A
+`.pth` holds a pickle, and a pickle is a program, so this reader assumes every file is hostile:
 
   * Code: the unpickler knows `collections.OrderedDict`, torch's tensor-rebuild functions and
     torch's storage/dtype names, all as stand-ins of its own; any other global (`os.system`,
@@ -26,7 +27,6 @@ from __future__ import annotations
 import _compat_pickle  # pickle's own Python 2 -> 3 name table
 import collections
 import io
-import json
 import math
 import os
 import pickle
@@ -40,9 +40,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-
-class PretrainedError(ValueError):
-    """A weights file that does not fit the model (or cannot be read)."""
+from segjax.safetensors import PretrainedError, read_safetensors
 
 
 class UnsafePickleError(PretrainedError):
@@ -66,11 +64,6 @@ _TORCH_DTYPES = {  # torch.<dtype>, as _rebuild_tensor_v3 pickles it
     'float64': np.float64, 'float32': np.float32, 'float16': np.float16,
     'bfloat16': ml_dtypes.bfloat16, 'int64': np.int64, 'int32': np.int32, 'int16': np.int16,
     'int8': np.int8, 'uint8': np.uint8, 'bool': np.bool_,
-}
-_SAFETENSORS_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-    'BOOL': np.bool_,
 }
 
 
@@ -382,34 +375,7 @@ def _state_dict(path: str, obj: Any, read_storage: Callable[[_Storage], Any]) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors, and the entry point.
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    with open(path, 'rb') as f:
-        raw = f.read()
-    header_size = struct.unpack('<Q', raw[:8])[0] if len(raw) >= 8 else len(raw)
-    if 8 + header_size > len(raw):
-        raise PretrainedError(f'{path}: safetensors header of {header_size} bytes does not fit')
-    header = json.loads(raw[8:8 + header_size])
-    data = memoryview(raw)[8 + header_size:]
-    if not isinstance(header, dict):
-        raise PretrainedError(f'{path}: the safetensors header is not a JSON object')
-    tensors = {}
-    for name, info in header.items():
-        if name == '__metadata__':
-            continue
-        if not (isinstance(info, dict) and info.get('dtype') in _SAFETENSORS_DTYPES):
-            raise PretrainedError(f'{path}: {name:.80} has no supported dtype')
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
-        shape = _counts(info.get('shape'), 'shape')
-        offsets = _counts(info.get('data_offsets'), 'data offsets')
-        begin, end = offsets if len(offsets) == 2 else (1, 0)
-        if not begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
-            raise PretrainedError(f'{path}: {name:.80} has inconsistent offsets {begin}..{end}')
-        tensors[name] = np.frombuffer(data[begin:end], dtype.newbyteorder('<')).reshape(
-            shape).astype(dtype)
-    return tensors
-
+# The entry point.
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The flat {name: numpy array} state dict in a `.safetensors` or `.pth`/`.pt`/`.bin` file.
@@ -423,7 +389,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f'no weights file at {path!r}')
     try:
         if path.endswith('.safetensors'):
-            return _read_safetensors(path)
+            return read_safetensors(path)
         with open(path, 'rb') as f:
             zip_format = f.read(2) == b'PK'
         return _read_torch_zip(path) if zip_format else _read_torch_legacy(path)

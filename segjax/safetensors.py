@@ -23,7 +23,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from segjax.pth import PretrainedError
+
+class PretrainedError(ValueError):
+    """A weights file that does not fit the model (or cannot be read); here, not in segjax.pth,
+    because this is the lowest of the weights readers (segjax.pth imports this module)."""
+
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors package's own limit
 _MAX_DIMS = 32

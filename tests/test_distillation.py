@@ -7,9 +7,6 @@ errors, and (slow) SIGTERM + resume through the command line."""
 import functools
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -17,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_end_to_end import ROOT, checkpoint_steps, run_cli, tiny_overrides
+from helpers import restored_state, sigterm_then_resume
+from test_end_to_end import ROOT, run_cli, tiny_overrides
 
 from segjax import checkpoint, experiment, losses, optim, sharding, trainers
 from segjax import config as config_lib
@@ -413,26 +411,12 @@ def test_distillation_train_resume_evaluate(tmp_path, e2e_data):
     assert '| pixelwise_kd ' in result.stdout and '| pairwise_kd ' in result.stdout
 
     interrupted = tmp_path / 'interrupted'
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'segjax.train', '--config', DISTILL, '--workdir',
-         str(interrupted), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith('step 3/'):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output[-3000:]
-    assert checkpoint_steps(interrupted)[-1] < 6
-    run_cli('segjax.train', '--config', DISTILL, '--workdir', interrupted, *overrides)
+    sigterm_then_resume(DISTILL, interrupted, overrides, step=3, num_steps=6)
 
-    config = config_lib.load(DISTILL, [o[len('--config.'):] for o in overrides])
-    mesh = sharding.make_mesh()
-    _, a = experiment.restore_state(config, str(straight), mesh)
-    _, b = experiment.restore_state(config, str(interrupted), mesh)
+    a = restored_state(DISTILL, straight, overrides)
+    b = restored_state(DISTILL, interrupted, overrides)
     assert int(a.step) == int(b.step) == 6 and not a.discriminator
-    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)),
-                    strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
     os.rename(teacher_dir, tmp_path / 'teacher_moved')  # evaluation needs the student only

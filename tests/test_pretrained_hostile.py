@@ -226,6 +226,9 @@ def _hostile_files():
         ('safetensors_past_end', _safetensors({'w': {
             'dtype': 'F32', 'shape': [8], 'data_offsets': [0, 32]}}), '.safetensors',
          'inconsistent offsets'),
+        # What pth's own safetensors reader let through before it used segjax.safetensors.
+        *[(f'safetensors_{name}', raw, '.safetensors', pattern)
+          for name, raw, pattern in _SAFETENSORS_ONLY_THE_STRONG_READER_REFUSES],
         # Compressed members that expand past their declared size.
         ('deflate_bomb_honest_header', _zip_bomb(4, {}), '.pth',
          'holds 402653184 bytes; expected 16'),
@@ -302,9 +305,33 @@ class _RunsCode:
         return (os.system, ('true',))
 
 
-def _safetensors(header: dict, data: bytes = _FLOATS) -> bytes:
-    text = json.dumps(header).encode()
+def _safetensors(header, data: bytes = _FLOATS, raw_header: bytes | None = None) -> bytes:
+    text = raw_header if raw_header is not None else json.dumps(header).encode()
     return struct.pack('<Q', len(text)) + text + data
+
+
+def _st_entry(shape=(4,), offsets=(0, 16)) -> dict:
+    return {'dtype': 'F32', 'shape': list(shape), 'data_offsets': list(offsets)}
+
+
+# (name, bytes, pattern): files a reader that checks each entry alone accepts, and the bounded
+# reader refuses (aliased or overlapping data, holes, repeated names, bools as sizes).
+_SAFETENSORS_ONLY_THE_STRONG_READER_REFUSES = [
+    ('overlapping', _safetensors({'a': _st_entry((3,), (0, 12)), 'b': _st_entry((3,), (4, 16))}),
+     "'b' at 4..16 overlaps the tensor before it"),
+    ('aliasing', _safetensors({'a': _st_entry(), 'b': _st_entry()}), 'overlaps'),
+    ('hole', _safetensors({'a': _st_entry((2,), (0, 8)), 'b': _st_entry((1,), (12, 16))}),
+     'leaves a hole'),
+    ('trailing_data', _safetensors({'w': _st_entry((2,), (0, 8))}), 'cover 8 of the 16'),
+    ('duplicate_name', _safetensors(None, raw_header=(
+        b'{"w": ' + json.dumps(_st_entry()).encode() + b', "w": '
+        + json.dumps(_st_entry()).encode() + b'}')), 'appear twice'),
+    ('bool_shape', _safetensors({'w': _st_entry(shape=(True, 4))}), 'malformed tensor shape'),
+    ('extra_field', _safetensors({'w': {**_st_entry(), 'x': 1}}), "tensor 'w': expected"),
+    ('metadata_not_strings', _safetensors({'__metadata__': {'a': 1}, 'w': _st_entry()}),
+     '__metadata__ must map strings to strings'),
+    ('header_past_file', struct.pack('<Q', 100) + b'{}', 'does not fit'),
+]
 
 
 def _zip_without_pickle() -> bytes:
@@ -413,6 +440,37 @@ def test_build_on_allowed_globals_changes_nothing_for_later_files(tmp_path):
     good = pth.read_state_dict(tmp_path / 'good.pth')
     np.testing.assert_array_equal(good['w'], np.arange(4, dtype=np.float32))
     assert good['w'].dtype == np.float32
+
+
+@pytest.mark.parametrize('name, raw, pattern', _SAFETENSORS_ONLY_THE_STRONG_READER_REFUSES,
+                         ids=[case[0] for case in _SAFETENSORS_ONLY_THE_STRONG_READER_REFUSES])
+def test_pth_entry_point_refuses_safetensors_as_the_bounded_reader_does(tmp_path, name, raw,
+                                                                         pattern):
+    """`pth.read_state_dict` reads `.safetensors` through `segjax.safetensors`: the same
+    refusal, with the same message naming the file, from either entry point."""
+    from segjax.safetensors import read_safetensors
+
+    path = tmp_path / f'{name}.safetensors'
+    path.write_bytes(raw)
+    with pytest.raises(pth.PretrainedError, match=pattern) as through_pth:
+        pth.read_state_dict(path)
+    with pytest.raises(pth.PretrainedError) as direct:
+        read_safetensors(path)
+    assert str(through_pth.value) == str(direct.value)
+    assert str(path) in str(through_pth.value)
+
+
+def test_pth_entry_point_reads_a_valid_safetensors_file(tmp_path):
+    data = np.arange(6, dtype='<f4').tobytes() + np.array([7, -8], '<i8').tobytes()
+    path = tmp_path / 'ok.safetensors'
+    path.write_bytes(_safetensors({
+        '__metadata__': {'format': 'pt'},
+        'a': {'dtype': 'F32', 'shape': [2, 3], 'data_offsets': [0, 24]},
+        'b': {'dtype': 'I64', 'shape': [2], 'data_offsets': [24, 40]}}, data))
+    state = pth.read_state_dict(path)
+    np.testing.assert_array_equal(state['a'], np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(state['b'], np.array([7, -8], np.int64))
+    assert state['a'].dtype == np.float32 and state['b'].dtype == np.int64
 
 
 def test_a_lying_deflate_header_gives_only_the_declared_bytes(tmp_path):

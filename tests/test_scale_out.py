@@ -7,20 +7,19 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import restored_state, signal_training_at, sigterm_then_resume
 from jax.sharding import AxisType
 from multiprocess_steps import fixed_batches, run, trained_leaves
 from test_end_to_end import EXPERIMENT, ROOT, checkpoint_steps, run_cli, tiny_overrides
 from test_multihost import free_port
 
-from segjax import config as config_lib
-from segjax import experiment, losses, optim, sharding, step
+from segjax import losses, optim, sharding, step
 
 
 def one_device_mesh():
@@ -142,12 +141,6 @@ def test_bfloat16_run_converges(tmp_path, e2e_data):
     assert np.mean(printed[-5:]) < 0.75 * printed[0], printed
 
 
-def restore_params(workdir, overrides, step_number=None):
-    config = config_lib.load(EXPERIMENT, [o[len('--config.'):] for o in overrides])
-    _, state = experiment.restore_state(config, str(workdir), sharding.make_mesh(), step_number)
-    return jax.device_get(state)
-
-
 @pytest.mark.slow  # several processes or full runs: `pytest -m slow` (CI runs it)
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, e2e_data):
     overrides = tiny_overrides(e2e_data, num_steps=10, log_every=1, checkpoint_every=1000,
@@ -157,20 +150,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, e2e_data):
 
     interrupted = tmp_path / 'interrupted'
     stop_after = int(np.random.default_rng().integers(2, 8))  # a random step
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'segjax.train', '--config', EXPERIMENT, '--workdir',
-         str(interrupted), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith(f'step {stop_after}/'):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output[-3000:]
-    assert checkpoint_steps(interrupted)[-1] < 10
-    run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', interrupted, *overrides)
+    sigterm_then_resume(EXPERIMENT, interrupted, overrides, step=stop_after, num_steps=10)
 
-    a, b = restore_params(straight, overrides), restore_params(interrupted, overrides)
+    a = restored_state(EXPERIMENT, straight, overrides)
+    b = restored_state(EXPERIMENT, interrupted, overrides)
     assert int(a.step) == int(b.step) == 10
     for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state, a.ema)),
                     jax.tree.leaves((b.params, b.batch_stats, b.opt_state, b.ema)), strict=True):
@@ -181,16 +164,9 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, e2e_data):
 def test_kill_9_during_saves_resumes_from_a_complete_checkpoint(tmp_path, e2e_data):
     workdir = tmp_path / 'run'
     overrides = tiny_overrides(e2e_data, num_steps=100000, log_every=1, checkpoint_every=1)
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'segjax.train', '--config', EXPERIMENT, '--workdir',
-         str(workdir), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # a save is in flight at almost every moment from here on
-        if line.startswith('step 6/'):
-            time.sleep(float(np.random.default_rng().uniform(0, 0.5)))
-            process.send_signal(signal.SIGKILL)
-            break
-    process.communicate(timeout=60)
+    # From step 6 on a save is in flight at almost every moment: kill -9 at a random instant.
+    signal_training_at(EXPERIMENT, workdir, overrides, step=6, signal_number=signal.SIGKILL,
+                       delay_s=float(np.random.default_rng().uniform(0, 0.5)), timeout=60)
     # Also leave a partial checkpoint as a crash mid-write would: it must never be read.
     partial = workdir / 'checkpoints' / '99999.orbax-checkpoint-tmp-1'
     partial.mkdir(parents=True)

@@ -3,7 +3,6 @@ steps against their formulas, the skip guard, 1 device = 8 devices = 2 processes
 and the command lines (train, SIGTERM + resume, evaluate, predict, bad input)."""
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import restored_state, sigterm_then_resume
 from multiprocess_steps import batches_for, fixed_batches, run, trained_leaves
-from test_end_to_end import ROOT, checkpoint_steps, run_cli, tiny_overrides
+from test_end_to_end import ROOT, run_cli, tiny_overrides
 from test_multihost import free_port
 from test_scale_out import one_device_mesh
 
 from segjax import config as config_lib
-from segjax import experiment, losses, sharding, trainers
+from segjax import losses, sharding, trainers
 from segjax.models.discriminator import ImageLabelDiscriminator, PixelDiscriminator
 from segjax.trainers import adversarial, semisupervised
 
@@ -256,26 +256,13 @@ def test_semisupervised_train_resume_evaluate_predict(tmp_path, e2e_data):
     assert 'D acc real' in result.stdout
 
     interrupted = tmp_path / 'interrupted'
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'segjax.train', '--config', SEMISUP, '--workdir',
-         str(interrupted), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith('step 3/'):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output[-3000:]
-    assert checkpoint_steps(interrupted)[-1] < 6
-    run_cli('segjax.train', '--config', SEMISUP, '--workdir', interrupted, *overrides)
+    sigterm_then_resume(SEMISUP, interrupted, overrides, step=3, num_steps=6)
 
-    config = config_lib.load(SEMISUP, [o[len('--config.'):] for o in overrides])
-    mesh = sharding.make_mesh()
-    _, a = experiment.restore_state(config, str(straight), mesh)
-    _, b = experiment.restore_state(config, str(interrupted), mesh)
+    a = restored_state(SEMISUP, straight, overrides)
+    b = restored_state(SEMISUP, interrupted, overrides)
     assert int(a.step) == int(b.step) == 6
     assert a.discriminator['params']
-    assert_trees_close(jax.device_get(a), jax.device_get(b), rtol=1e-6, atol=1e-7)
+    assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
     evaluated = run_cli('segjax.evaluate', '--config', SEMISUP, '--workdir', straight,
                         *overrides)
