@@ -14,6 +14,10 @@ layouts load into the models of `segjax.models`:
     `nvidia/mit-b*` ImageNet encoders only its 'backbone' (their `classifier.*` is left out).
     The hub's names and those of transformers >= 5's in-memory modules are both understood
     (`load_segformer_into`); `.safetensors` files are read by `segjax.safetensors`.
+  * Hugging Face `transformers`' ViTModel / ViTForImageClassification (`google/vit-*`),
+    Dinov2Model and Dinov2WithRegistersModel (`facebook/dinov2-*`) into the 'backbone' of
+    `segjax.models.vit.ViTLinear` / `segjax.models.segmenter.Segmenter` or into a bare
+    `segjax.models.vit.VisionTransformer` (`load_vit_into`).
 
 Loading is all or nothing: source names that map to nothing, model parameters the file does not
 provide and shapes that differ are collected and raised together in one `PretrainedError`; a
@@ -23,6 +27,7 @@ backbone of another depth or width is named as such first.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -180,6 +185,8 @@ def load_into(variables: Mapping, source: str | os.PathLike | Mapping[str, np.nd
       * a torchvision segmentation checkpoint (`backbone.*`, `classifier.*`) fills the whole
         model; its `aux_classifier.*` needs a model with aux_head=True.
       * a Hugging Face SegFormer checkpoint (`segformer.*`): see `load_segformer_into`.
+      * a Hugging Face ViT / DINOv2 checkpoint (`embeddings.patch_embeddings.*`): see
+        `load_vit_into`.
     `skip` lists torch name prefixes to leave out, whose parameters then keep their values:
     e.g. skip=('classifier.4.', 'aux_classifier.4.') to fine-tune a 21-class checkpoint on 19.
 
@@ -191,6 +198,8 @@ def load_into(variables: Mapping, source: str | os.PathLike | Mapping[str, np.nd
     skip = tuple(skip)
     if is_segformer(state):
         return load_segformer_into(variables, state, skip=skip, source_name=_source_name(source))
+    if is_vit(state):
+        return load_vit_into(variables, state, skip=skip, source_name=_source_name(source))
     converted, unmapped = convert_state_dict(state)
     targets = {c: _flatten(variables.get(c, {})) for c in ('params', 'batch_stats')}
     segmentation = any(name.startswith('backbone.') for name in state)
@@ -482,3 +491,169 @@ def _mit_layout(kernels: Mapping[str, tuple]) -> tuple | None:
 def _describe_mit(layout: tuple) -> str:
     hidden, depths = layout
     return f'a MiT with hidden sizes {hidden} and {"-".join(map(str, depths))} blocks'
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face ViT / DINOv2: transformers' names <-> segjax.models.vit.VisionTransformer's.
+
+# Tensor names relative to the encoder: hub names (ViT: query/intermediate/output, DINOv2:
+# norm1/mlp) and transformers >= 5's in-memory names (q_proj ..., ViT's `layers.{i}`).
+_VIT_RULES = (
+    ('embeddings.cls_token', 'cls_token'),
+    ('embeddings.position_embeddings', 'pos_embed'),
+    ('embeddings.register_tokens', 'register_tokens'),
+    ('embeddings.patch_embeddings.projection.weight', 'patch_embed_kernel'),
+    ('embeddings.patch_embeddings.projection.bias', 'patch_embed_bias'),
+    ('encoder.layer.{i}.attention.attention.query.{w}', 'block{i}/attention/query/{w}'),
+    ('encoder.layer.{i}.attention.attention.key.{w}', 'block{i}/attention/key/{w}'),
+    ('encoder.layer.{i}.attention.attention.value.{w}', 'block{i}/attention/value/{w}'),
+    ('encoder.layer.{i}.attention.output.dense.{w}', 'block{i}/attention/out/{w}'),
+    ('encoder.layer.{i}.layernorm_before.{w}', 'block{i}/norm1/{w}'),
+    ('encoder.layer.{i}.layernorm_after.{w}', 'block{i}/norm2/{w}'),
+    ('encoder.layer.{i}.intermediate.dense.{w}', 'block{i}/fc1/{w}'),
+    ('encoder.layer.{i}.output.dense.{w}', 'block{i}/fc2/{w}'),
+    ('{layers}.{i}.attention.q_proj.{w}', 'block{i}/attention/query/{w}'),
+    ('{layers}.{i}.attention.k_proj.{w}', 'block{i}/attention/key/{w}'),
+    ('{layers}.{i}.attention.v_proj.{w}', 'block{i}/attention/value/{w}'),
+    ('{layers}.{i}.attention.o_proj.{w}', 'block{i}/attention/out/{w}'),
+    ('{layers}.{i}.layernorm_before.{w}', 'block{i}/norm1/{w}'),
+    ('{layers}.{i}.layernorm_after.{w}', 'block{i}/norm2/{w}'),
+    ('{layers}.{i}.norm1.{w}', 'block{i}/norm1/{w}'),
+    ('{layers}.{i}.norm2.{w}', 'block{i}/norm2/{w}'),
+    ('{layers}.{i}.mlp.fc1.{w}', 'block{i}/fc1/{w}'),
+    ('{layers}.{i}.mlp.fc2.{w}', 'block{i}/fc2/{w}'),
+    ('{layers}.{i}.layer_scale1.lambda1', 'block{i}/layer_scale1'),
+    ('{layers}.{i}.layer_scale2.lambda1', 'block{i}/layer_scale2'),
+    ('layernorm.{w}', 'norm/{w}'),
+)
+# What a segmentation model has no place for: DINOv2's masked-image-modelling token, ViT's
+# pooler and an ImageNet classifier.
+_VIT_UNUSED = ('embeddings.mask_token', 'pooler.', 'classifier.')
+
+
+@functools.cache
+def _vit_patterns() -> tuple[tuple[re.Pattern, str], ...]:
+    compiled = []
+    for source, target in _VIT_RULES:
+        regex = re.escape(source).replace(r'\{i\}', r'(?P<i>\d+)').replace(
+            r'\{w\}', r'(?P<w>weight|bias)').replace(r'\{layers\}', r'(?:encoder\.layer|layers)')
+        compiled.append((re.compile(regex), target))
+    return tuple(compiled)
+
+
+def is_vit(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is a transformers ViT or DINOv2 (optionally under `vit.` or
+    `dinov2.`, as the *ForImageClassification models save it)."""
+    return any(_strip_vit_prefix(name) == 'embeddings.patch_embeddings.projection.weight'
+               for name in state)
+
+
+def _strip_vit_prefix(name: str) -> str:
+    return name.removeprefix('vit.').removeprefix('dinov2.')
+
+
+def vit_to_segjax_path(name: str) -> str | None:
+    """The encoder-relative segjax parameter path of a transformers ViT/DINOv2 tensor, e.g.
+    'encoder.layer.3.attention.attention.query.weight' -> 'block3/attention/query/kernel';
+    None for names with no place (see _VIT_UNUSED) or unknown."""
+    name = _strip_vit_prefix(name)
+    for pattern, target in _vit_patterns():
+        match = pattern.fullmatch(name)
+        if match:
+            groups = match.groupdict()
+            leaf = groups.get('w')
+            if leaf == 'weight':  # a Linear's weight is flax's kernel, a LayerNorm's its scale
+                module = target.rsplit('/', 1)[0]
+                leaf = 'scale' if re.search(r'(^|/)norm\d?$', module) else 'kernel'
+            return target.format(i=groups.get('i'), w=leaf)
+    return None
+
+
+def _vit_value(path: str, value: np.ndarray) -> np.ndarray:
+    """A tensor in flax layout: linear (out, in) -> (in, out), patch conv OIHW -> HWIO."""
+    if path == 'patch_embed_kernel' and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if path.endswith('/kernel') and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _describe_vit(shapes: Mapping[str, tuple]) -> str:
+    """'a ViT with hidden size 384, 12 blocks, 14x14 patches, a 37x37 position grid,
+    4 registers' from encoder-relative parameter shapes (flax layout)."""
+    parts = []
+    if 'patch_embed_kernel' in shapes:
+        kernel = shapes['patch_embed_kernel']
+        parts += [f'hidden size {kernel[-1]}', f'{kernel[0]}x{kernel[1]} patches']
+    blocks = {m[1] for p in shapes if (m := re.match(r'block(\d+)/', p))}
+    parts.append(f'{len(blocks)} blocks')
+    if 'pos_embed' in shapes:
+        grid = math.isqrt(shapes['pos_embed'][1] - 1)
+        parts.append(f'a {grid}x{grid} position grid')
+    registers = shapes.get('register_tokens', (0, 0))[1]
+    parts.append(f'{registers} register tokens')
+    parts.append('LayerScale' if 'block0/layer_scale1' in shapes else 'no LayerScale')
+    return 'a ViT with ' + ', '.join(parts)
+
+
+def load_vit_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
+                  skip: Iterable[str] = (), source_name: str = 'the state dict') -> dict:
+    """`variables` of a `segjax.models.vit.VisionTransformer` (or of a model with one as its
+    'backbone': ViTLinear, Segmenter) with a transformers ViT/DINOv2 state dict's weights.
+
+    Fills the encoder only; heads keep their values. DINOv2's `mask_token`, ViT's `pooler.*` and
+    an ImageNet `classifier.*` are left out, as are names starting with a `skip` prefix (their
+    parameters keep their values). All or nothing: unmapped names, parameters the model lacks
+    or the file lacks, and shape mismatches are raised together as one PretrainedError naming
+    the file's and the model's names and shapes, led by both encoders' sizes when they differ.
+    Returns new variables (float32 numpy leaves).
+    """
+    skip = tuple(skip)
+    params = _flatten(variables.get('params', {}))
+    prefix = 'backbone/' if any(p.startswith('backbone/') for p in params) else ''
+    targets = {p.removeprefix(prefix): v for p, v in params.items() if p.startswith(prefix)}
+    loaded, covered, unmapped, not_in_model, mismatched, file_shapes = {}, set(), [], [], [], {}
+    for name, value in state.items():
+        if _strip_vit_prefix(name).startswith(_VIT_UNUSED):
+            continue
+        path = vit_to_segjax_path(name)
+        if path is None:
+            if not name.startswith(skip):
+                unmapped.append(name)
+            continue
+        value = _vit_value(path, np.asarray(value, np.float32))
+        file_shapes[path] = value.shape
+        covered.add(path)
+        if name.startswith(skip):
+            continue
+        if path not in targets:
+            not_in_model.append(f'{name} {value.shape} -> params/{prefix}{path}')
+        elif tuple(targets[path].shape) != value.shape:
+            mismatched.append(f'{name} {value.shape} -> params/{prefix}{path} '
+                              f'{tuple(targets[path].shape)}')
+        else:
+            loaded[prefix + path] = value
+    missing = [f'params/{prefix}{p} {tuple(v.shape)}' for p, v in targets.items()
+               if p not in covered]
+    problems = [(f'{len(unmapped)} names in the file map to no segjax parameter', unmapped),
+                (f'{len(not_in_model)} names map to parameters this model does not have',
+                 not_in_model),
+                (f'{len(mismatched)} shapes differ (file, converted to flax layout -> model)',
+                 mismatched),
+                (f'{len(missing)} model parameters are not in the file', missing)]
+    if not any(items for _, items in problems):
+        return {**variables, 'params': _replace(variables['params'], loaded)}
+    lines = [f'cannot load {source_name} (a transformers ViT/DINOv2) into this model; nothing '
+             'was loaded:']
+    model_shapes = {p: tuple(v.shape) for p, v in targets.items()}
+    if file_shapes and _describe_vit(file_shapes) != _describe_vit(model_shapes):
+        lines.append(f'  the file holds {_describe_vit(file_shapes)} but the model\'s encoder '
+                     f'is {_describe_vit(model_shapes)}: build it with the matching vit.* '
+                     'variant (e.g. vit.ViTB16, vit.DINOv2S14, vit.DINOv2B14Reg)')
+    for title, items in problems:
+        if items:
+            lines.append(f'  {title}:')
+            lines.extend(f'    {item}' for item in items[:50])
+            if len(items) > 50:
+                lines.append(f'    ... and {len(items) - 50} more')
+    raise PretrainedError('\n'.join(lines))

@@ -2,6 +2,7 @@
 the 8 forced CPU devices, ~1/8 of the weight bytes per device, and checkpoints that move
 between device counts (8 -> 4 -> 1) and sharding modes."""
 
+import functools
 import json
 import os
 import re
@@ -26,6 +27,10 @@ try:  # added alongside FSDP; tested here too where it exists
     from segjax.models import segformer
 except ImportError:
     segformer = None
+try:
+    from segjax.models import segmenter, vit
+except ImportError:
+    segmenter = vit = None
 
 
 def big_vision_fsdp(shape, itemsize, axis_size, min_bytes):
@@ -111,6 +116,12 @@ if segformer is not None:
     MODELS['segformer'] = (segformer.SegFormer, {
         'hidden_sizes': (8, 16, 24, 32), 'depths': (1, 1, 1, 1), 'num_heads': (1, 2, 2, 4),
         'decoder_channels': 16, 'drop_path_rate': 0.0, 'dropout': 0.0})
+if segmenter is not None:
+    # A ViT (8x8 patches, 16 wide, 2 blocks) with Segmenter's mask transformer.
+    MODELS['vit_segmenter'] = (segmenter.Segmenter, {
+        'backbone': functools.partial(vit.VisionTransformer, patch_size=8, hidden_size=16,
+                                      depth=2, num_heads=2, image_size=32),
+        'decoder_size': 16, 'decoder_depth': 1, 'drop_path_rate': 0.0})
 
 
 def fixed_batches(num_steps, batch_size=8, size=32, num_classes=8):
