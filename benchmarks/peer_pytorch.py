@@ -68,11 +68,14 @@ class TorchRunner:
     """A twin, its SGD optimizer and one fixed random batch in one PyTorch setting;
     `train()` and `infer()` each run one call and return its seconds."""
 
-    def __init__(self, name: str, batch: int, size: int, setting: str, seed: int = 0):
+    def __init__(self, name: str, batch: int, size: int, setting: str, seed: int = 0,
+                 twin=None):
         torch.manual_seed(seed)
         nhwc = setting in ('channels_last', 'bf16')
         memory_format = torch.channels_last if nhwc else torch.contiguous_format
-        self.model = TWINS[name](train_step.NUM_CLASSES).to(memory_format=memory_format)
+        # twin (num_classes -> module) for models outside TWINS (peer_transformers.py)
+        twin = TWINS[name] if twin is None else twin
+        self.model = twin(train_step.NUM_CLASSES).to(memory_format=memory_format)
         self.images = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
         self.labels = torch.randint(0, train_step.NUM_CLASSES, (batch, size, size))
         # As segjax.optim.sgd: weight decay on kernels (ndim >= 2) only.

@@ -120,8 +120,10 @@ class SegjaxRunner:
     running); `train()` and `infer()` each run one call to completion and return its seconds.
     """
 
-    def __init__(self, name: str, batch: int, size: int, dtype=jnp.float32, seed: int = 0):
-        model_cls = MODELS[name][0]
+    def __init__(self, name: str, batch: int, size: int, dtype=jnp.float32, seed: int = 0,
+                 model_fn=None):
+        # model_fn (num_classes, dtype -> model) for models outside MODELS (peer_transformers.py)
+        model_cls = MODELS[name][0] if model_fn is None else model_fn
         self.model = model_cls(num_classes=NUM_CLASSES, dtype=dtype)
         image_shape = (batch, size, size, 3)
         tx = optim.sgd(0.01)
