@@ -169,6 +169,29 @@ def test_lattice_capacity_buckets_agree_with_the_full_bound():
     assert 0 < int(counts[0]) <= features.shape[1] * 6
 
 
+def test_hash_table_dedup_and_lookup_survive_collisions():
+    """16 slots for up to 8 distinct keys among 200 entries: probing must still dedupe exactly."""
+    from segjax.crf import lattice
+
+    rng = np.random.default_rng(11)
+    pairs = rng.integers(0, 3, (200, 2)) * np.array([1, 7])  # <= 9 distinct (a, b) keys
+    pairs = pairs[(pairs[:, 0] + pairs[:, 1]) % 5 != 0]  # drop some, keep several distinct
+    words = tuple(jnp.asarray(pairs[:, k], jnp.int32) for k in range(2))
+    owner, slot = lattice._insert(words, 4)
+    slot = np.asarray(slot)
+    distinct, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    # Same key <-> same slot, and each slot's owner is an entry with that key.
+    assert len(np.unique(slot)) == len(distinct)
+    for k in range(len(distinct)):
+        assert len(np.unique(slot[inverse.ravel() == k])) == 1
+    np.testing.assert_array_equal(pairs[np.asarray(owner)[slot]], pairs)
+    queries = (jnp.asarray(list(distinct[:, 0]) + [99], jnp.int32),
+               jnp.asarray(list(distinct[:, 1]) + [99], jnp.int32))
+    entry = np.asarray(lattice._lookup(owner, words, queries, 4))
+    np.testing.assert_array_equal(pairs[entry[:-1]], distinct)
+    assert entry[-1] == np.iinfo(np.int32).max  # absent key
+
+
 # --------------------------------------------------------------------------------------------
 # Mean-field
 # --------------------------------------------------------------------------------------------

@@ -203,9 +203,9 @@ def _refine(logits, images, appearance_weight, smoothness_weight, compatibility,
         return refine(lambda v: jax.vmap(exact_gaussian_filter)(features, v))
     dim = features.shape[-1]
     packing = _packing(appearance_feature_bounds(images.shape, theta_alpha, theta_beta))
-    offsets, weights, tables, counts = _image_vertices(features, packing)
+    offsets, weights, index, counts = _image_vertices(features, packing)
     # Static capacities for the occupied lattice vertices; the smallest that holds the batch's
-    # maximum runs (lax.switch runs one branch), so blurs and neighbour sorts cost ~ the
+    # maximum runs (lax.switch runs one branch), so blurs and neighbour lookups cost ~ the
     # vertices used, not the bound N * (d + 1).
     bound = num * (dim + 1)
     capacities = sorted({min(bound, max(1, math.ceil(f * num))) for f in _CAPACITY_FRACTIONS}
@@ -214,7 +214,7 @@ def _refine(logits, images, appearance_weight, smoothness_weight, compatibility,
 
     def with_capacity(capacity):
         def run():
-            neighbours = _image_neighbours(tables, counts, packing, capacity)
+            neighbours = _image_neighbours(index, counts, packing, capacity)
             lattice = _batch_lattice(offsets, weights, neighbours)
             return refine(lambda v: lattice_filter(lattice, v.reshape(batch * num, -1)))
         return run
