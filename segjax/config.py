@@ -25,6 +25,9 @@ CALLABLE_SECTIONS = ('model', 'loss', 'optimizer', 'schedule', 'trainer')
 # config.sharding: how the train state is laid out over the devices (segjax.sharding).
 SHARDING_MODES = ('replicated', 'fsdp')
 
+# config.quantization.mode: segjax.quantization.MODES (not imported here: it loads jax).
+QUANTIZATION_MODES = (None, 'qat', 'weight_only_int8')
+
 # config.wandb.mode: 'auto' = online when an API key is configured and the server answers.
 WANDB_MODES = ('auto', 'online', 'offline')
 
@@ -65,6 +68,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.fsdp_min_bytes = 2**16
     # .pth / .safetensors weights loaded into a fresh run's initial state (not when resuming).
     c.pretrained = None
+    # int8 quantization (segjax.quantization, docs/export.md): None; 'qat' (weights and
+    # activations fake-quantized in training and evaluation); 'weight_only_int8' (weights only,
+    # exported as int8). A float checkpoint resumes into either: fine-tuning is a resume.
+    c.quantization = ml_collections.ConfigDict({'mode': None})
 
     c.data = ml_collections.ConfigDict()
     c.data.builder = None  # a tfds.core.DatasetBuilder class
@@ -254,6 +261,11 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                                   ' is an option of a trainer, and config.trainer.fn is None '
                                   '(supervised training, which takes none)')
             continue
+        if section == 'loss' and fn is None and config.trainer.fn is not None:
+            if options(config.loss):  # a trainer whose model computes its own losses
+                raise ConfigError(f'{source}: config.loss.{next(iter(options(config.loss)))} is '
+                                  'an option of a loss, and config.loss.fn is None')
+            continue
         if not callable(fn):
             raise ConfigError(f'{source}: config.{section}.fn must be a callable, got {fn!r}')
         opts = options(config[section])
@@ -277,6 +289,9 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config') -> None:
                           'image diagonal in (0, 1], e.g. 0.02')
     check_crf(config.eval.crf, f'{source}: config.eval.crf')
     check_wandb(config.wandb, f'{source}: config.wandb')
+    if config.quantization.mode not in QUANTIZATION_MODES:
+        raise ConfigError(f'{source}: config.quantization.mode={config.quantization.mode!r}: '
+                          f'expected one of {list(QUANTIZATION_MODES)}')
     fraction = config.data.labelled_fraction
     if (isinstance(fraction, bool) or not isinstance(fraction, int | float)
             or not 0 < fraction <= 1):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import cli, experiment, logs, metrics, sharding, step, visualize
+from segjax import cli, experiment, logs, metrics, optim, sharding, step, visualize
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
 
@@ -253,6 +253,12 @@ def main(argv: Sequence[str]) -> dict:
         builder = experiment.dataset_builder(config)
     except prepare.PrepareError as e:
         parser.exit(1, f'segjax.evaluate: error: {e}\n')
+    trainer = experiment.make_trainer(config, model, optim.make(config)[0])
+    if trainer.evaluate is not None:  # the trainer's own metrics (instance segmentation: COCO AP)
+        if settings is not None:
+            parser.exit(2, 'segjax.evaluate: error: --crf_grid tunes a dense CRF on semantic '
+                        'predictions; this experiment\'s trainer evaluates its own metrics\n')
+        return report_trainer_metrics(trainer, state, builder, config, mesh, args.workdir)
     if settings is not None:
         return search_and_report(state, model, builder, config, mesh, settings, args.workdir)
     counts = counts_over_split(state, make_eval_fn(config, model, mesh), builder, config,
@@ -269,6 +275,31 @@ def main(argv: Sequence[str]) -> dict:
         write_json(os.path.join(eval_dir, 'metrics.json'), result)
         visualize.plot_confusion_matrix(cm, names, os.path.join(eval_dir, 'confusion_matrix.png'))
         print(f'wrote {eval_dir}/metrics.json and {eval_dir}/confusion_matrix.png')
+    return result
+
+
+def format_grouped(summary: dict[str, float]) -> str:
+    """{'bbox/AP': .., 'segm/AP': ..} -> a table, one row per prefix, one column per metric."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in summary.items():
+        group, _, name = key.rpartition('/')
+        rows.setdefault(group, {})[name] = value
+    columns = list(dict.fromkeys(name for row in rows.values() for name in row))
+    lines = [f'{"":<8}' + ''.join(f'{c:>9}' for c in columns)]
+    lines += [f'{group:<8}' + ''.join(f'{row.get(c, float("nan")):>9.4f}' for c in columns)
+              for group, row in rows.items()]
+    return '\n'.join(lines)
+
+
+def report_trainer_metrics(trainer, state, builder, config, mesh, workdir: str) -> dict:
+    """The trainer's own metrics of the checkpoint (trainers.Trainer.evaluate), printed and
+    written to <workdir>/eval/metrics.json (-1: no ground truth of that kind, COCO's rule)."""
+    summary = trainer.evaluate(state, builder, config, mesh)
+    result = {'step': int(state.step), 'split': config.data.eval_split, **summary}
+    if jax.process_index() == 0:
+        print(format_grouped(summary))
+        write_json(os.path.join(workdir, 'eval', 'metrics.json'), result)
+        print(f'wrote {workdir}/eval/metrics.json')
     return result
 
 

@@ -20,6 +20,7 @@ from segjax import (
     checkpoint,
     logs,  # noqa: F401  (before pipeline loads TensorFlow: the CLIs stay quiet)
     optim,
+    quantization,
     sharding,
     trainers,
 )
@@ -44,12 +45,16 @@ def make_model(config: ml_collections.ConfigDict):
         config_lib.check_options(config.model.fn, {'remat': True},
                                  'config.remat=True: config.model')
         options['remat'] = True
-    return config.model.fn(num_classes=config.data.num_classes, dtype=compute_dtype(config),
-                           **options)
+    model = config.model.fn(num_classes=config.data.num_classes, dtype=compute_dtype(config),
+                            **options)
+    return quantization.quantization_aware(model, config.quantization.mode)
 
 
-def make_loss(config: ml_collections.ConfigDict) -> Callable:
-    """loss(logits, labels) -> scalar, with the config's options bound."""
+def make_loss(config: ml_collections.ConfigDict) -> Callable | None:
+    """loss(logits, labels) -> scalar, with the config's options bound; None where config.loss.fn
+    is None (a trainer whose model computes its own losses, e.g. trainers.instance)."""
+    if config.loss.fn is None:
+        return None
     return functools.partial(config.loss.fn, ignore_index=config.data.ignore_index,
                              **config_lib.options(config.loss))
 

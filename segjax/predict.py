@@ -10,6 +10,11 @@ side.
 
 With --exported <dir> (instead of --config/--workdir) it runs a model written by
 python -m segjax.export, in any of its formats, and writes the same mask/color/overlay PNGs.
+
+For an instance experiment (a segjax.instance.maskrcnn.MaskRCNN model) it writes
+`name_instances.png` (each detection in its own colour: mask, outline, box, "class score") and
+`name_detections.json` (boxes xyxy in original pixels, labels, class names, scores, masks as
+COCO RLE), the image resized by config.trainer.min_size / max_size as in training.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +32,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segjax import cli, experiment, sharding, step, visualize
+from segjax.instance import inference as instance_inference
+from segjax.instance import visualize as instance_visualize
+from segjax.instance.maskrcnn import MaskRCNN
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -126,6 +135,12 @@ def main(argv: Sequence[str]) -> list[str]:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
     except (InputError, FileNotFoundError) as e:
         parser.exit(1, f'segjax.predict: error: {e}\n')
+    if isinstance(model, MaskRCNN):
+        try:  # stricter than read_rgb: no alpha channel, no 16-bit pixels
+            images = [instance_inference.read_image(p) for p in paths]
+        except ValueError as e:
+            parser.exit(1, f'segjax.predict: error: {e}\n')
+        return predict_instances(config, model, state, mesh, paths, images, args.output)
     options = experiment.inference_options(config)
     compare_crf = options is not None and 'crf' in options
     # With the CRF on, one network pass gives the masks with and without it.
@@ -151,6 +166,49 @@ def main(argv: Sequence[str]) -> list[str]:
         kinds = ('mask, color, overlay with and without CRF, crf_compare' if compare_crf
                  else 'mask, color, overlay')
         print(f'wrote {len(written)} x ({kinds}) PNGs to {args.output}')
+    return written
+
+
+def predict_instances(config, model: MaskRCNN, state, mesh, paths: Sequence[str],
+                      images: Sequence[np.ndarray], output_dir: str) -> list[str]:
+    """name_instances.png and name_detections.json per image (Mask R-CNN experiments).
+
+    The canvas is config.data.crop_size (one compiled shape, as in evaluation) for every image
+    whose resized size fits it, else the image's own size rounded up to 32."""
+    detect_fn = instance_inference.detector(model)
+    replicated = sharding.replicated(mesh)
+
+    def detect(variables, batch, image_sizes):
+        return detect_fn(variables, jax.device_put(batch, replicated),
+                         jax.device_put(image_sizes, replicated))
+
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    min_size, max_size = config.trainer.min_size, config.trainer.max_size
+    crop = tuple(config.data.crop_size)
+    names = experiment.class_names(config)
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for path, image in zip(paths, images, strict=True):
+        size = instance_inference.resized_size(*image.shape[:2], min_size=min_size,
+                                               max_size=max_size)
+        fits = size[0] <= crop[0] and size[1] <= crop[1] and not (crop[0] % 32 or crop[1] % 32)
+        detections = instance_inference.detect_image(
+            model, variables, image, min_size=min_size, max_size=max_size,
+            mean=config.data.mean, std=config.data.std, canvas=crop if fits else None,
+            detect_fn=detect)
+        name = os.path.splitext(os.path.basename(path))[0]
+        if jax.process_index() == 0:
+            picture = instance_visualize.draw_instances(
+                image, detections['boxes'], detections['labels'], detections['scores'],
+                detections['masks'], names)
+            Image.fromarray(picture).save(os.path.join(output_dir, f'{name}_instances.png'))
+            record = instance_inference.detections_record(
+                detections, names, image.shape[:2], image=os.path.basename(path))
+            with open(os.path.join(output_dir, f'{name}_detections.json'), 'w') as f:
+                json.dump(record, f)
+        written.append(name)
+    if jax.process_index() == 0:
+        print(f'wrote {len(written)} x (instances PNG, detections JSON) to {output_dir}')
     return written
 
 

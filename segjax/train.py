@@ -167,12 +167,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     eval_fn = make_eval_fn(config, model, mesh)
     predict_fn = jax.jit(functools.partial(
         step.predict_step, model=model, inference_options=experiment.inference_options(config)))
-    batches = experiment.train_batches(config, builder, local_batch_size=local_batch,
-                                       start_step=first_step,
-                                       unlabelled_images=trainer.unlabelled_images)
+    if trainer.train_batches is not None:  # the trainer's own data (instance annotations)
+        batches = trainer.train_batches(config, builder, local_batch_size=local_batch,
+                                        start_step=first_step)
+    else:
+        batches = experiment.train_batches(config, builder, local_batch_size=local_batch,
+                                           start_step=first_step,
+                                           unlabelled_images=trainer.unlabelled_images)
     writer = Writers([*make_writers(config, workdir), *extra_writers])
 
     def evaluate_weights(weights, step_number: int, prefix: str) -> dict:
+        if trainer.evaluate is not None:  # the trainer's own metrics (COCO AP)
+            summary = trainer.evaluate(weights, builder, config, mesh)
+            writer.scalars(step_number, {f'{prefix}/{k}': v for k, v in summary.items()})
+            if is_main:
+                print(f'eval{"" if prefix == "val" else " (EMA weights)"} @ {step_number}: '
+                      + ' | '.join(f'{k} {v:.4f}' for k, v in summary.items()), flush=True)
+            return {'step': step_number, **summary}
         counts = counts_over_split(weights, eval_fn, builder, config, mesh)
         summary = summarize_counts(counts, names)
         writer.scalars(step_number, {f'{prefix}/{k}': summary[k] for k in EVAL_SCALARS})
@@ -231,8 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     if 'discriminator/real_accuracy' in stats:
                         terms += (f' | D acc real {stats["discriminator/real_accuracy"]:.2f} '
                                   f'fake {stats["discriminator/fake_accuracy"]:.2f}')
+                    # Trainers without pixel labels (instance segmentation) report none.
+                    accuracy = (f' | acc {stats["pixel_accuracy"]:.3f}'
+                                if 'pixel_accuracy' in stats else '')
                     print(f'step {step_number}/{config.num_steps} | loss {stats["loss"]:.4f}'
-                          f'{terms} | acc {stats["pixel_accuracy"]:.3f} | lr {stats["lr"]:.2e} | '
+                          f'{terms}{accuracy} | lr {stats["lr"]:.2e} | '
                           f'{images_per_s:.1f} img/s | ETA {logs.format_seconds(eta)}{skipped}',
                           flush=True)
                 window_start, window_steps = time.time(), 0
@@ -258,12 +272,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     result = {key: value for key, value in last_eval.items() if key != 'counts'}
     if 'ema' in result:
         result['ema'] = {k: v for k, v in result['ema'].items() if k != 'counts'}
-    result.update(class_names=names, **count_lists(last_eval['counts']),
+    counts = count_lists(last_eval['counts']) if 'counts' in last_eval else {}
+    result.update(class_names=names, **counts,
                   skipped_steps=int(state.skipped_steps),
                   wall_seconds_this_run=time.time() - start_time)
     if is_main:
         write_json(os.path.join(workdir, 'metrics.json'), result)
-        print(metrics.format_table(last_eval, names))
+        if counts:  # a confusion matrix's per-class table (instance metrics print at eval)
+            print(metrics.format_table(last_eval, names))
         print(f'done in {logs.format_seconds(time.time() - start_time)}; metrics in '
               f'{workdir}/metrics.json, TensorBoard: tensorboard --logdir {workdir}', flush=True)
     return result

@@ -60,8 +60,9 @@ def check_instance_labels(example: Example, *, num_classes: int) -> Example:
 
 def resized_size(hw: tf.Tensor, *, min_size: int, max_size: int) -> tf.Tensor:
     """torchvision's GeneralizedRCNNTransform size: scale = min(min_size / short side,
-    max_size / long side), size = floor(hw * scale) (int32 [2])."""
-    hwf = tf.cast(hw, tf.float32)
+    max_size / long side), size = floor(hw * scale) (int32 [2]). In float64 as torchvision's
+    Python floats: float32 lands a pixel short for ~10 % of sizes (427x640 at 64/96: 63x95)."""
+    hwf = tf.cast(hw, tf.float64)
     scale = tf.minimum(min_size / tf.reduce_min(hwf), max_size / tf.reduce_max(hwf))
     return tf.maximum(tf.cast(tf.floor(hwf * scale), tf.int32), 1)
 

@@ -55,7 +55,12 @@ def check_images(images, spec: dict) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != channels:
         raise ExportedInputError(f'images shaped {images.shape}; expected [batch, height, '
                                  f'width, {channels}] (RGB)')
-    if images.shape[1:3] != (height, width):
+    multiple = expected.get('size_multiple')
+    if height is None and multiple and (images.shape[1] % multiple or images.shape[2] % multiple):
+        raise ExportedInputError(
+            f'images of {images.shape[1]}x{images.shape[2]} pixels; this model takes sizes '
+            f'that are multiples of {multiple}')
+    if height is not None and images.shape[1:3] != (height, width):
         raise ExportedInputError(
             f'images of {images.shape[1]}x{images.shape[2]} pixels; this model was exported at '
             f'{height}x{width} (export again with --image_size {images.shape[1]} '

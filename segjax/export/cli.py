@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from segjax import cli, experiment, sharding
+from segjax import cli, experiment, quantization, sharding
 from segjax.data import prepare
 from segjax.export import artefact, formats, serving
 
@@ -55,10 +55,12 @@ def spec(args, config: ml_collections.ConfigDict, fmt: str, path: str, height: i
          width: int, step_number: int) -> dict:
     """export.json: what the model takes and returns, and what it was exported from."""
     model_fn = getattr(config.model.fn, 'func', config.model.fn)  # a variant's partial
+    if args.symbolic_size:  # None: any size, a multiple of size_multiple
+        height = width = None
     return {
         'format': fmt, 'file': os.path.basename(path),
         'input': {'name': serving.INPUT_NAME, 'dtype': 'uint8',
-                  'shape': [None, height, width, 3]},
+                  'shape': [None, height, width, 3], 'size_multiple': args.symbolic_size},
         'outputs': serving.output_shapes(height, width, config.data.num_classes),
         'num_classes': config.data.num_classes,
         'class_names': experiment.class_names(config),
@@ -79,6 +81,12 @@ def main(argv: Sequence[str]) -> str:
     parser.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights")
     parser.add_argument('--image_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                         help='spatial size of the exported input (default config.data.crop_size)')
+    parser.add_argument('--symbolic_size', type=int, default=None, metavar='M',
+                        help='stablehlo: any spatial size that is a multiple of M (2**depth '
+                             'for a U-Net, 1 for DeepLabV3+) instead of --image_size')
+    parser.add_argument('--float_ops', default='',
+                        help='tflite_int8: comma-separated TFLite op types kept in float, e.g. '
+                             'BATCH_MATMUL (DeepLabV3+\'s ASPP image pool)')
     parser.add_argument('--representative', type=int, default=REPRESENTATIVE_IMAGES,
                         help='eval-split images that calibrate tflite_int8')
     parser.add_argument('--platforms', default='cpu',
@@ -91,13 +99,16 @@ def main(argv: Sequence[str]) -> str:
         mesh = sharding.make_mesh()
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
         variables = serving.model_variables(state, ema=args.ema)
+        # QAT: the float model (the int8 converter quantizes); weight-only int8: int8 kernels.
+        model, variables = quantization.for_export(model, variables)
         function = serving.serving_function(model, variables, mean=config.data.mean,
                                             std=config.data.std, options=options)
         path = formats.write(
             args.format, function, height, width, args.output,
             representative=lambda: representative_images(config, height, width,
                                                           args.representative),
-            platforms=args.platforms.split(','))
+            platforms=args.platforms.split(','), size_multiple=args.symbolic_size,
+            float_ops=[op for op in args.float_ops.split(',') if op])
     except (serving.ExportError, FileNotFoundError, prepare.PrepareError) as e:
         parser.exit(1, f'segjax.export: error: {e}\n')
     spec_path = artefact.write_spec(args.output, spec(args, config, args.format, path, height,

@@ -52,10 +52,12 @@ def check_format(name: str) -> None:
 
 
 def write_stablehlo(serving: Callable, height: int, width: int, path: str, *,
-                    platforms: Sequence[str] = ('cpu',)) -> None:
-    """jax.export's serialized artefact: jax.export.deserialize(bytes).call(images)."""
+                    platforms: Sequence[str] = ('cpu',), size_multiple: int | None = None
+                    ) -> None:
+    """jax.export's serialized artefact: jax.export.deserialize(bytes).call(images). With
+    `size_multiple`, any spatial size that is a multiple of it (serving.input_spec)."""
     exported = jax.export.export(jax.jit(serving), platforms=tuple(platforms))(
-        input_spec(height, width))
+        input_spec(height, width, size_multiple))
     with open(path, 'wb') as f:
         f.write(exported.serialize())
 
@@ -75,9 +77,12 @@ def write_savedmodel(serving: Callable, height: int, width: int, path: str) -> N
 
 
 def write_tflite(saved_model: str, path: str,
-                 representative: Iterable[np.ndarray] | None = None) -> None:
+                 representative: Iterable[np.ndarray] | None = None,
+                 float_ops: Sequence[str] = ()) -> None:
     """TFLite from a SavedModel: float32, or with `representative` uint8 [H,W,3] images
-    full-integer int8 (every op int8; the uint8 input and the outputs keep their types)."""
+    full-integer int8 (every op int8; the uint8 input and the outputs keep their types).
+    `float_ops`: TFLite op types (e.g. 'BATCH_MATMUL') kept in float inside the int8 model
+    (TFLite's selective quantization through its QuantizationDebugger)."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
@@ -87,6 +92,15 @@ def write_tflite(saved_model: str, path: str,
             raise ExportError('int8 quantization needs at least one representative image')
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([image[None]] for image in images)
+        if float_ops:
+            options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_ops=list(float_ops))
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_options=options,
+                debug_dataset=lambda: ([image[None]] for image in images[:1]))
+            with open(path, 'wb') as f:
+                f.write(debugger.get_nondebug_quantized_model())
+            return
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with open(path, 'wb') as f:
         f.write(converter.convert())
@@ -156,14 +170,23 @@ def rename_graph_values(graph, names: dict) -> None:
 
 def write(fmt: str, serving: Callable, height: int, width: int, directory: str, *,
           representative: Callable[[], Iterable[np.ndarray]] | None = None,
-          platforms: Sequence[str] = ('cpu',)) -> str:
+          platforms: Sequence[str] = ('cpu',), size_multiple: int | None = None,
+          float_ops: Sequence[str] = ()) -> str:
     """Writes format `fmt` into `directory`; returns the artefact's path. `representative`
-    (tflite_int8 only) returns the calibration images when called."""
+    (tflite_int8 only) returns the calibration images when called; `size_multiple`
+    (stablehlo only) makes the spatial size symbolic; `float_ops` (tflite_int8 only) are
+    TFLite op types left in float."""
     check_format(fmt)
+    if size_multiple is not None and fmt != 'stablehlo':
+        raise ExportError(f'--symbolic_size: only --format stablehlo has a symbolic spatial '
+                          f'size (the TFLite converter needs static shapes); got {fmt}')
+    if size_multiple is not None and size_multiple < 1:
+        raise ExportError(f'--symbolic_size {size_multiple}: expected a positive multiple')
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, ARTEFACTS[fmt])
     if fmt == 'stablehlo':
-        write_stablehlo(serving, height, width, path, platforms=platforms)
+        write_stablehlo(serving, height, width, path, platforms=platforms,
+                        size_multiple=size_multiple)
         return path
     if fmt == 'savedmodel':
         write_savedmodel(serving, height, width, path)
@@ -180,5 +203,6 @@ def write(fmt: str, serving: Callable, height: int, width: int, directory: str, 
             write_onnx(tflite_path, path)
         else:
             write_tflite(saved_model, path,
-                         representative() if fmt == 'tflite_int8' else None)
+                         representative() if fmt == 'tflite_int8' else None,
+                         float_ops=float_ops if fmt == 'tflite_int8' else ())
     return path

@@ -90,10 +90,17 @@ def serving_function(model, variables: dict, *, mean, std,
     return serving
 
 
-def input_spec(height: int, width: int) -> jax.ShapeDtypeStruct:
-    """uint8 [b, height, width, 3] with a symbolic batch `b`."""
-    (batch,) = jax.export.symbolic_shape('b')
-    return jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+def input_spec(height: int, width: int, size_multiple: int | None = None
+               ) -> jax.ShapeDtypeStruct:
+    """uint8 [b, height, width, 3] with a symbolic batch `b`; with `size_multiple` m, the
+    spatial size symbolic too: [b, m*h, m*w, 3] (any multiple of m; `height`, `width` unused).
+    m is what the model's shape arithmetic needs to be provable for every size (a U-Net of
+    depth d pads to multiples of 2**d and concatenates: m = 2**d; DeepLabV3+: m = 1)."""
+    if size_multiple is None:
+        (batch,) = jax.export.symbolic_shape('b')
+        return jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+    batch, rows, columns = jax.export.symbolic_shape(f'b, {size_multiple}*h, {size_multiple}*w')
+    return jax.ShapeDtypeStruct((batch, rows, columns, 3), jnp.uint8)
 
 
 def output_shapes(height: int, width: int, num_classes: int) -> dict:

@@ -13,6 +13,8 @@ state's `params` and `batch_stats` (the segmentation network) only.
                              unlabelled images drives an adversarial and a self-training loss
   distillation.trainer       Hinton et al. 2015 / Liu et al. 2019: a frozen teacher's softened
                              per-pixel distribution (and pairwise similarities) next to labels
+  instance.trainer           He et al. 2017: Mask R-CNN's own losses on instance annotations,
+                             evaluated by COCO box / mask AP (its own batches and evaluation)
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class Trainer:
     # loop calls it once and passes its result to every step as a 4th argument, so it is never
     # checkpointed nor compiled into the step as constants. None: the step takes 3 arguments.
     load_frozen: Callable | None = None
+    # (config, builder, *, local_batch_size, start_step) -> this process's train batches from
+    # batch start_step on, for a trainer with its own data layout (instance annotations).
+    # None: segjax.experiment.train_batches ({'image', 'label'}).
+    train_batches: Callable | None = None
+    # (state, builder, config, mesh) -> {name: float} dataset-level metrics of the eval split
+    # (COCO AP for instance segmentation), for train and evaluate. None: the confusion matrix.
+    evaluate: Callable | None = None
 
 
 def supervised(*, model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
