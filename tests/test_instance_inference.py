@@ -304,7 +304,8 @@ def _tiny_checkpoint(workdir) -> None:
     mngr.wait_until_finished()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # whole CLI runs / int8 conversions: minutes; by hand with -m long
+@pytest.mark.long
 def test_predict_writes_instance_png_and_json(tmp_path, capsys):
     from segjax import predict
     from segjax.data import synthetic

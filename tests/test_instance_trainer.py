@@ -302,7 +302,8 @@ SMOKE_OVERRIDES = [
 EXPERIMENT = 'experiments/maskrcnn_r50_fpn_synthetic.py'
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # whole CLI runs / int8 conversions: minutes; by hand with -m long
+@pytest.mark.long
 def test_train_resume_and_evaluate_cli(tmp_path, e2e_data):
     from helpers import restored_state
     from test_end_to_end import run_cli

@@ -207,7 +207,8 @@ def test_weight_only_int8_export_holds_int8_constants(tmp_path):
 
 # --- a QAT run, exported to int8 TFLite ----------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow  # whole CLI runs / int8 conversions: minutes; by hand with -m long
+@pytest.mark.long
 def test_qat_run_exports_to_int8_tflite_and_round_trips(tmp_path):
     """Train 2 float steps, resume 2 QAT steps (fine-tuning is a resume), export tflite_int8
     through the CLI, load it back: its classes agree with the QAT model's fake-int8 ones on
@@ -262,7 +263,8 @@ def test_mode_names_are_strings_or_none():
 
 # --- symbolic spatial size (StableHLO) -----------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow  # whole CLI runs / int8 conversions: minutes; by hand with -m long
+@pytest.mark.long
 @pytest.mark.parametrize('name, multiple', [('unet', 4), ('deeplabv3plus', 1)])
 def test_stablehlo_symbolic_size_runs_at_two_sizes(name, multiple, tmp_path):
     """One artefact, [b, m*h, m*w, 3]: at 16x16 and 24x40 its outputs are the jitted serving
@@ -294,7 +296,8 @@ def test_stablehlo_symbolic_size_runs_at_two_sizes(name, multiple, tmp_path):
         formats.write('tflite', function, 16, 16, str(tmp_path / 'x'), size_multiple=multiple)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # whole CLI runs / int8 conversions: minutes; by hand with -m long
+@pytest.mark.long
 def test_tflite_int8_with_float_ops_keeps_those_ops_in_float(tmp_path):
     """Selective quantization: BATCH_MATMUL (DeepLabV3+'s ASPP image pool) runs on float32
     tensors, the convolutions stay int8, uint8 in."""
