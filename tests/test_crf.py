@@ -177,7 +177,7 @@ def test_hash_table_dedup_and_lookup_survive_collisions():
     pairs = rng.integers(0, 3, (200, 2)) * np.array([1, 7])  # <= 9 distinct (a, b) keys
     pairs = pairs[(pairs[:, 0] + pairs[:, 1]) % 5 != 0]  # drop some, keep several distinct
     words = tuple(jnp.asarray(pairs[:, k], jnp.int32) for k in range(2))
-    owner, slot = lattice._insert(words, 4)
+    owner, slot, _ = lattice._insert(words, 4)
     slot = np.asarray(slot)
     distinct, inverse = np.unique(pairs, axis=0, return_inverse=True)
     # Same key <-> same slot, and each slot's owner is an entry with that key.

@@ -51,16 +51,19 @@ def _elevation_matrix(dim: int) -> np.ndarray:
 
 
 def _simplex_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys [N, d+1, d] int32 of the enclosing simplex's vertices and barycentric weights [N, d+1].
+    """Quotients [N, d+1, d] int32 of the enclosing simplex's vertices; barycentric weights.
 
     A transcription of Permutohedral::init in Krähenbühl's densecrf (ties round down as there).
+    Every coordinate of vertex k is congruent to k mod d+1, so vertex k's key is
+    k + (d+1) * quotient: kept in that form, the keys are packed without integer division.
     """
     num, dim = features.shape
     elevated = features @ jnp.asarray(_elevation_matrix(dim).T, jnp.float32)  # [N, d+1]
     down = elevated / (dim + 1)
-    up_v, down_v = jnp.ceil(down) * (dim + 1), jnp.floor(down) * (dim + 1)
-    rem0 = jnp.where(up_v - elevated < elevated - down_v, up_v, down_v)
-    total = jnp.round(jnp.sum(rem0, axis=-1) / (dim + 1)).astype(jnp.int32)
+    up_v, down_v = jnp.ceil(down), jnp.floor(down)
+    nearest = jnp.where(up_v * (dim + 1) - elevated < elevated - down_v * (dim + 1), up_v, down_v)
+    rem0 = nearest * (dim + 1)
+    total = jnp.round(jnp.sum(nearest, axis=-1)).astype(jnp.int32)
     diff = elevated - rem0
     # rank[i] = #{j > i: d_j > d_i} + #{j < i: d_j >= d_i}
     upper = np.triu(np.ones((dim + 1, dim + 1), bool), 1)  # [i, j]: j > i
@@ -71,7 +74,8 @@ def _simplex_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array]:
     rank = rank + total[:, None]
     wrap_up, wrap_down = rank < 0, rank > dim
     rank = jnp.where(wrap_up, rank + dim + 1, jnp.where(wrap_down, rank - dim - 1, rank))
-    rem0 = jnp.where(wrap_up, rem0 + dim + 1, jnp.where(wrap_down, rem0 - dim - 1, rem0))
+    wrap = wrap_up.astype(jnp.int32) - wrap_down.astype(jnp.int32)
+    rem0 = rem0 + (dim + 1) * wrap
     # Barycentric weights (Adams p.10): v at d - rank, -v at d - rank + 1, wrap the last.
     # rank is a permutation of 0..d, so this is by_rank[d - k] - by_rank[d + 1 - k] with
     # by_rank[r] = v at the coordinate of rank r (one [N, d+1, d+1] one-hot, not two).
@@ -80,11 +84,11 @@ def _simplex_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array]:
     weights = jnp.concatenate([1.0 + by_rank[:, dim:] - by_rank[:, :1],
                                by_rank[:, dim - 1::-1] - by_rank[:, :0:-1]], axis=1)
     # Vertex k of the simplex: the canonical offset (Adams p.10) is k for coordinates of rank
-    # <= d - k, else k - (d + 1).
+    # <= d - k, else k - (d + 1): quotient rem0 / (d+1), one less where the rank is above d - k.
     corner = jnp.arange(dim + 1, dtype=jnp.int32)[None, :, None]
-    keys = (rem0.astype(jnp.int32)[:, None, :dim] + corner
-            - (dim + 1) * (rank[:, None, :dim] > dim - corner).astype(jnp.int32))
-    return keys, weights
+    quotients = ((nearest.astype(jnp.int32) + wrap)[:, None, :dim]
+                 - (rank[:, None, :dim] > dim - corner).astype(jnp.int32))
+    return quotients, weights
 
 
 class _Layout(NamedTuple):
@@ -142,12 +146,29 @@ def _packing(feature_max: tuple[float, ...]) -> _Packing:
                             + [(lo[a] // (dim + 1) - 1, hi[a] // (dim + 1)) for a in range(dim)]))
 
 
-def _vertex_words(keys: jax.Array, layout: _Layout) -> tuple[jax.Array, ...]:
-    """Keys [..., d] (the first d of d+1 coordinates, all congruent mod d+1) -> words."""
-    dim = keys.shape[-1]
-    remainder = jnp.mod(keys[..., 0], dim + 1)
-    quotient = (keys - remainder[..., None]) // (dim + 1)
-    return _pack([remainder] + [quotient[..., a] for a in range(dim)], layout)
+def _vertex_words(quotients: jax.Array, layout: _Layout) -> tuple[jax.Array, ...]:
+    """Quotients [P, d+1, d] of each point's d+1 simplex corners -> words of [P * (d+1)] keys."""
+    points, corners, dim = quotients.shape
+    remainder = jnp.broadcast_to(jnp.arange(corners, dtype=jnp.int32), (points, corners))
+    return _pack([remainder.reshape(-1)] + [quotients[..., a].reshape(-1) for a in range(dim)],
+                 layout)
+
+
+def _step_fields(fields: list[jax.Array], direction: jax.Array,
+                 sign: jax.Array) -> list[jax.Array]:
+    """The vertex key + sign * step along `direction`, as (remainder, quotients): no division.
+
+    Along direction j < d coordinate j moves by d and the others by -1, along d all by -1
+    (Adams p.7). Since d = -1 mod d+1, the remainder moves by -sign; where it wraps
+    (past 0 or d), the other coordinates' quotients move by -sign, else coordinate j's by sign.
+    """
+    remainder, quotients = fields[0], fields[1:]
+    dim = len(quotients)
+    wraps = jnp.where(sign > 0, remainder == 0, remainder == dim)
+    moved = jnp.where(wraps, jnp.where(sign > 0, dim, 0), remainder - sign)
+    return [moved] + [q + jnp.where(a == direction, jnp.where(wraps, 0, sign),
+                                    jnp.where(wraps, -sign, 0))
+                      for a, q in enumerate(quotients)]
 
 
 class _VertexIndex(NamedTuple):
@@ -186,34 +207,36 @@ def _same_key(words, others) -> jax.Array:
     return same
 
 
-def _insert(words: tuple[jax.Array, ...], bits: int) -> tuple[jax.Array, jax.Array]:
-    """Linear-probing insertion of all entries at once: (owner table [2^bits], slot per entry).
+def _insert(words: tuple[jax.Array, ...],
+            bits: int) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """Linear-probing insertion of all entries at once: (owner table [2^bits], slot per entry,
+    the words as the loop holds them).
 
     Each round, unplaced entries whose probe slot is empty claim it (the lowest entry id wins a
     scatter-min); an entry whose slot's owner has its key is placed, any other probes on.
     Equal keys share a home slot, so they settle in the round their first entry claims it.
+    The words ride in the loop state and later steps read them from there: computed from the
+    simplex outside it, XLA:CPU recomputed them in every consumer (the barrier is dropped on CPU).
     """
     size = 1 << bits
     ids = jnp.arange(words[0].shape[0], dtype=jnp.int32)
-    home = _home_slot(words, bits)
 
     def unplaced(state):
         return jnp.any(~state[2])
 
     def round_(state):
-        owner, probe, placed = state
-        slot = (home + probe) & (size - 1)
+        owner, slot, placed, words = state
         claim = ~placed & (owner[slot] == _SENTINEL)
         owner = owner.at[jnp.where(claim, slot, size)].min(ids, mode='drop')
         holder = owner[slot]
         found = _same_key(words, tuple(jnp.take(w, holder, mode='clip') for w in words))
-        probe = jnp.where(placed | found, probe, probe + 1)
-        return owner, probe, placed | found
+        slot = jnp.where(placed | found, slot, (slot + 1) & (size - 1))
+        return owner, slot, placed | found, words
 
     owner = jnp.full((size,), _SENTINEL, jnp.int32)
-    owner, probe, _ = jax.lax.while_loop(
-        unplaced, round_, (owner, jnp.zeros_like(ids), jnp.zeros(ids.shape, bool)))
-    return owner, (home + probe) & (size - 1)
+    owner, slot, _, words = jax.lax.while_loop(
+        unplaced, round_, (owner, _home_slot(words, bits), jnp.zeros(ids.shape, bool), words))
+    return owner, slot, words
 
 
 def _lookup(owner: jax.Array, words: tuple[jax.Array, ...], queries: tuple[jax.Array, ...],
@@ -247,12 +270,9 @@ def _hashed_vertices(features: jax.Array, packing: _Packing):
     of a sort of all N(d+1) corners: multi-operand sorts are ~5x slower than scatters on XLA:CPU.
     """
     num, dim = features.shape
-    keys, weights = _simplex_vertices(features)
-    # Materialised once for all probing rounds (a barrier: measured neutral, kept as measured).
-    words = jax.lax.optimization_barrier(
-        _vertex_words(keys.reshape(num * (dim + 1), dim), packing.vertex))
+    quotients, weights = _simplex_vertices(features)
     bits = _table_bits(num * (dim + 1))
-    owner, slot = _insert(words, bits)
+    owner, slot, words = _insert(_vertex_words(quotients, packing.vertex), bits)
     first = owner[slot]  # the entry that stands for each entry's vertex
     ids = jnp.arange(num * (dim + 1), dtype=jnp.int32)
     is_first = first == ids
@@ -276,23 +296,18 @@ def _blur_neighbours(index: _VertexIndex, num_vertices: jax.Array, packing: _Pac
     """
     fields = _unpack(tuple(k[:capacity] for k in index.keys), packing.vertex)
     dim = len(fields) - 1
-    keys = jnp.stack([fields[0] + (dim + 1) * q for q in fields[1:]], axis=-1)  # [cap, d]
-    # Along direction j (< d) coordinate j moves by d, the others by -1; along d all by -1.
-    steps = np.full((dim + 1, dim), -1, np.int32)
-    steps[np.arange(dim), np.arange(dim)] = dim
-    steps = np.stack([steps, -steps], axis=1)  # [d+1, 2, d]
     bits = _table_bits(index.vertex.shape[0])
 
     def neighbours_along(step):
         # One direction's lookups at a time (lax.map): all 2(d+1) at once needed ~3x the
         # memory of the whole mean field for their probing state.
-        entry = _lookup(index.owner, index.words, _vertex_words(keys + step, packing.vertex),
-                        bits)
+        moved = _step_fields(fields, step // 2, 1 - 2 * (step % 2))  # (j, +1), (j, -1), ...
+        entry = _lookup(index.owner, index.words, _pack(moved, packing.vertex), bits)
         found = jnp.take(index.vertex, entry, mode='clip')
         valid = (entry != _SENTINEL) & (found < capacity) & (jnp.arange(capacity) < num_vertices)
         return jnp.where(valid, found, capacity)
 
-    neighbours = jax.lax.map(neighbours_along, jnp.asarray(steps.reshape(2 * (dim + 1), dim)))
+    neighbours = jax.lax.map(neighbours_along, jnp.arange(2 * (dim + 1), dtype=jnp.int32))
     neighbours = neighbours.reshape(dim + 1, 2, capacity)
     return jnp.pad(neighbours, ((0, 0), (0, 0), (0, 1)), constant_values=capacity)
 
