@@ -63,6 +63,23 @@ def segjax_predictions(model, state, config, images: np.ndarray, batch: int = 32
     return np.concatenate(out)
 
 
+def write_artefact(fmt: str, function, size: int, directory: str, config, *,
+                   calibration: int = 0, float_ops: tuple = ()) -> str:
+    """Writes `function` (serving.serving_function) as format `fmt` for uint8 size x size
+    images into `directory`, with the export.json artefact.load reads; returns the model
+    file's path. tflite_int8 calibrates on `calibration` images of the train split and keeps
+    `float_ops` in float."""
+    path = formats.write(
+        fmt, function, size, size, directory,
+        representative=lambda: cli.representative_images(config, size, size, calibration),
+        float_ops=float_ops)
+    artefact.write_spec(directory, {
+        'format': fmt, 'file': os.path.basename(path),
+        'input': {'name': 'image', 'dtype': 'uint8', 'shape': [None, size, size, 3]},
+        'outputs': serving.output_shapes(size, size, config.data.num_classes)})
+    return path
+
+
 def exported_predictions(exported, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([exported(images[i:i + batch])['classes']
                            for i in range(0, len(images), batch)])
@@ -110,14 +127,7 @@ def measure_model(name: str, workdir: str, overrides: list[str], scratch: str,
             directory = os.path.join(scratch, f'{name}_{fmt}_{size}')
             count = 100 if size == 64 else 16
             start = time.perf_counter()
-            path = formats.write(
-                fmt, function, size, size, directory,
-                representative=lambda s=size, c=count: cli.representative_images(config, s, s,
-                                                                                 c))
-            artefact.write_spec(directory, {
-                'format': fmt, 'file': os.path.basename(path),
-                'input': {'name': 'image', 'dtype': 'uint8', 'shape': [None, size, size, 3]},
-                'outputs': serving.output_shapes(size, size, config.data.num_classes)})
+            path = write_artefact(fmt, function, size, directory, config, calibration=count)
             row[f'export_s_{size}'] = time.perf_counter() - start
             start = time.perf_counter()
             exported = artefact.load(directory)

@@ -67,7 +67,7 @@ LR_PER_IMAGE, MOMENTUM, WEIGHT_DECAY = 1e-7, 0.9, 1e-4
 
 def torch_model(seed: int = 0) -> torch.nn.Module:
     """maskrcnn_resnet50_fpn as its COCO recipe builds it (FrozenBN, 3 trainable layers), heads
-    scaled so random weights detect (tests/test_maskrcnn.py's _spread_scores)."""
+    scaled so random weights detect (tests/helpers.py's spread_scores)."""
     torch.manual_seed(seed)
     backbone = _resnet_fpn_extractor(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d), 3)
     model = TorchMaskRCNN(backbone, num_classes=91)

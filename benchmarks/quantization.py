@@ -41,11 +41,12 @@ from export import (  # noqa: E402  (benchmarks/export.py, next to this file)
     segjax_predictions,
     size_bytes,
     validation_split,
+    write_artefact,
 )
 
 from segjax import config as config_lib  # noqa: E402
 from segjax import experiment, quantization, sharding  # noqa: E402
-from segjax.export import artefact, cli, formats, serving  # noqa: E402
+from segjax.export import artefact, serving  # noqa: E402
 
 SIZE = 64
 
@@ -56,14 +57,9 @@ def export_and_score(fmt, model, variables, config, directory, images, labels, *
     function = serving.serving_function(model, variables, mean=config.data.mean,
                                         std=config.data.std)
     start = time.perf_counter()
-    path = formats.write(fmt, function, SIZE, SIZE, directory,
-                         representative=lambda: cli.representative_images(
-                             config, SIZE, SIZE, calibration), float_ops=float_ops)
+    path = write_artefact(fmt, function, SIZE, directory, config, calibration=calibration,
+                          float_ops=float_ops)
     seconds = time.perf_counter() - start
-    artefact.write_spec(directory, {
-        'format': fmt, 'file': os.path.basename(path),
-        'input': {'name': 'image', 'dtype': 'uint8', 'shape': [None, SIZE, SIZE, 3]},
-        'outputs': serving.output_shapes(SIZE, SIZE, config.data.num_classes)})
     predictions = exported_predictions(artefact.load(directory), images)
     return {'miou': miou(predictions, labels, config), 'bytes': size_bytes(path),
             'export_s': seconds, 'predictions': predictions}

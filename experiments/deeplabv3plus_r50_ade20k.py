@@ -29,29 +29,14 @@ https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth).
 """
 
 from experiments.deeplabv3plus_r50_voc_aug import get_config as voc_config
-from segjax.data import ade20k
+from experiments.segformer_b0_ade20k import use_ade20k_data
 
 
 def get_config():
     config = voc_config()  # model, loss, optimizer, schedule and augmentation as for VOC
     config.num_steps = 80_000
     config.batch_size = 16
-
-    config.data.builder = ade20k.Ade20k
-    config.data.builder_config = None
-    config.data.num_classes = ade20k.NUM_CLASSES
-    config.data.class_names = ade20k.CLASS_NAMES
-    config.data.palette = tuple(map(tuple, ade20k.PALETTE.tolist()))
-    config.data.train_split = 'train'
-    config.data.eval_split = 'validation'
-    config.data.crop_size = (512, 512)
-    config.data.scale_range = (0.5, 2.0)
-    config.data.base_size = (2048, 512)  # (long, short) edge the scale ratios apply to
-    config.data.cat_max_ratio = 0.75
-    config.data.flip = True
-    config.data.photometric = True
-    config.data.eval_base_size = (2048, 512)  # mmsegmentation's test Resize, aspect kept
-    config.data.eval_pad_size = (2048, 2048)  # fits any image resized into (2048, 512)
+    use_ade20k_data(config)  # replaces VOC's data set, crop and pipeline
 
     config.eval_every = 8000
     config.checkpoint_every = 4000

@@ -35,9 +35,9 @@ What to download: ADEChallengeData2016.zip (prepared as segjax/data/ade20k.py sa
         --config.pretrained=weights/dinov2-base/model.safetensors
 """
 
+from experiments.segformer_b0_ade20k import use_ade20k_data
 from segjax import config as config_lib
 from segjax import losses, optim
-from segjax.data import ade20k
 from segjax.models import vit
 
 
@@ -46,21 +46,7 @@ def get_config():
     config.seed = 0
     config.num_steps = 40_000
     config.batch_size = 16
-
-    config.data.builder = ade20k.Ade20k
-    config.data.num_classes = ade20k.NUM_CLASSES
-    config.data.class_names = ade20k.CLASS_NAMES
-    config.data.palette = tuple(map(tuple, ade20k.PALETTE.tolist()))
-    config.data.train_split = 'train'
-    config.data.eval_split = 'validation'
-    config.data.crop_size = (512, 512)
-    config.data.scale_range = (0.5, 2.0)
-    config.data.base_size = (2048, 512)
-    config.data.cat_max_ratio = 0.75
-    config.data.flip = True
-    config.data.photometric = True
-    config.data.eval_base_size = (2048, 512)
-    config.data.eval_pad_size = (2048, 2048)  # fits any image resized into (2048, 512)
+    use_ade20k_data(config)
 
     config.model = {'fn': vit.DINOv2LinearB14, 'frozen_backbone': True, 'layers': (-1,)}
     config.loss.fn = losses.cross_entropy

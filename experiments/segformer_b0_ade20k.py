@@ -28,19 +28,25 @@ is left out when loading; the decoder starts from scratch).
         --workdir runs/segformer_b0_ade20k --config.pretrained=weights/mit-b0/model.safetensors
 """
 
+import ml_collections
+
 from segjax import config as config_lib
 from segjax import losses, optim
 from segjax.data import ade20k
 from segjax.models import segformer
 
 
-def get_config():
-    config = config_lib.defaults()
-    config.seed = 0
-    config.num_steps = 160_000
-    config.batch_size = 16
+def use_ade20k_data(config: ml_collections.ConfigDict) -> None:
+    """Sets config.data to ADE20K at 512x512 with mmsegmentation's pipeline, in place.
 
+    Shared by every ADE20K experiment (`from experiments.segformer_b0_ade20k import
+    use_ade20k_data`): train on 'train', evaluate on 'validation'; random rescale 0.5-2.0 of
+    (2048, 512), 512x512 crop retried until no class covers 75%, flip, photometric distortion;
+    evaluation images resized into (2048, 512) and padded to 2048x2048. The image mean/std stay
+    the config's (ImageNet's by default).
+    """
     config.data.builder = ade20k.Ade20k
+    config.data.builder_config = None  # ADE20K has one: clears a base experiment's (VOC's)
     config.data.num_classes = ade20k.NUM_CLASSES
     config.data.class_names = ade20k.CLASS_NAMES
     config.data.palette = tuple(map(tuple, ade20k.PALETTE.tolist()))
@@ -54,6 +60,14 @@ def get_config():
     config.data.photometric = True
     config.data.eval_base_size = (2048, 512)  # mmsegmentation's test Resize, aspect kept
     config.data.eval_pad_size = (2048, 2048)  # fits any image resized into (2048, 512)
+
+
+def get_config():
+    config = config_lib.defaults()
+    config.seed = 0
+    config.num_steps = 160_000
+    config.batch_size = 16
+    use_ade20k_data(config)
 
     config.model = {'fn': segformer.SegFormerB0, 'drop_path_rate': 0.1, 'dropout': 0.1}
     config.loss.fn = losses.cross_entropy

@@ -29,9 +29,9 @@ out, the decoder starts from scratch).
         --config.pretrained=weights/vit-base-patch16-224/model.safetensors
 """
 
+from experiments.segformer_b0_ade20k import use_ade20k_data
 from segjax import config as config_lib
 from segjax import losses, optim
-from segjax.data import ade20k
 from segjax.models import segmenter
 
 
@@ -41,20 +41,7 @@ def get_config():
     config.num_steps = 160_000
     config.batch_size = 8
 
-    config.data.builder = ade20k.Ade20k
-    config.data.num_classes = ade20k.NUM_CLASSES
-    config.data.class_names = ade20k.CLASS_NAMES
-    config.data.palette = tuple(map(tuple, ade20k.PALETTE.tolist()))
-    config.data.train_split = 'train'
-    config.data.eval_split = 'validation'
-    config.data.crop_size = (512, 512)
-    config.data.scale_range = (0.5, 2.0)
-    config.data.base_size = (2048, 512)
-    config.data.cat_max_ratio = 0.75
-    config.data.flip = True
-    config.data.photometric = True
-    config.data.eval_base_size = (2048, 512)
-    config.data.eval_pad_size = (2048, 2048)
+    use_ade20k_data(config)
     config.data.mean = (127.5, 127.5, 127.5)  # ViT's normalisation: [-1, 1]
     config.data.std = (127.5, 127.5, 127.5)
 

@@ -31,3 +31,13 @@ os.environ['XLA_FLAGS'] = sharding.with_cpu_xla_flags(os.environ['XLA_FLAGS'])
 def e2e_data(tmp_path_factory):
     """A TFDS data_dir shared by the command-line tests (the smoke data builds once)."""
     return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def tv():
+    """(torch, torchvision), or skip: the test-only oracles; torch's generator seeded once per
+    test module."""
+    torch = pytest.importorskip('torch')
+    torchvision = pytest.importorskip('torchvision')
+    torch.manual_seed(0)
+    return torch, torchvision

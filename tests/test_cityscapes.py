@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
+from helpers import CITYSCAPES_ZIPS, png, write_cityscapes_zips
 
 from segjax.data import cityscapes, pipeline
 from segjax.data import prepare as prepare_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGES_ZIP, LABELS_ZIP = 'leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'
+IMAGES_ZIP, LABELS_ZIP = CITYSCAPES_ZIPS
 
 # The official table (cityscapesscripts/helpers/labels.py), written out independently:
 # labelId -> trainId for the 19 evaluated classes; every other labelId trains as 255.
@@ -53,42 +53,31 @@ def image(image_id: str) -> np.ndarray:
     return rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format='PNG')
-    return buffer.getvalue()
-
-
 def all_ids() -> list[tuple[str, str, str]]:
     return [(split, city, f'{city}_{frame}') for split, cities in SPLITS.items()
             for city, frames in cities.items() for frame in frames]
 
 
-def write_zips(directory, image_replace=None, label_replace=None) -> None:
-    """The two official zips: README/license.txt at the top, then
-    leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and
-    gtFine/<split>/<city>/..._gtFine_{color,instanceIds,labelIds}.png + _polygons.json."""
-    images = {'README': b'leftImg8bit', 'license.txt': b'license'}
-    labels = {'README': b'gtFine', 'license.txt': b'license'}
+def colors(ids: np.ndarray) -> np.ndarray:
+    """A *_gtFine_color.png: each labelId in its official colour."""
     palette = np.zeros((256, 3), np.uint8)
     for label in cityscapes.LABELS:
         palette[label.id % 256] = label.color
-    for split, city, image_id in all_ids():
-        images[f'leftImg8bit/{split}/{city}/{image_id}_leftImg8bit.png'] = png(image(image_id))
-        ids = label_ids(image_id) if split != 'test' else np.zeros((HEIGHT, WIDTH), np.uint8)
-        stem = f'gtFine/{split}/{city}/{image_id}_gtFine'
-        labels[f'{stem}_labelIds.png'] = png(ids)
-        labels[f'{stem}_instanceIds.png'] = png(ids.astype(np.uint16) * 1000)
-        labels[f'{stem}_color.png'] = png(palette[ids])
-        labels[f'{stem}_polygons.json'] = json.dumps(
-            {'imgHeight': HEIGHT, 'imgWidth': WIDTH, 'objects': []}).encode()
-    images.update(image_replace or {})
-    labels.update(label_replace or {})
-    for name, members in (('leftImg8bit_trainvaltest.zip', images),
-                          ('gtFine_trainvaltest.zip', labels)):
-        with zipfile.ZipFile(directory / name, 'w') as archive:
-            for member in sorted(members):
-                archive.writestr(member, members[member])
+    return palette[ids]
+
+
+def gt_fine(split: str, image_id: str) -> dict[str, bytes]:
+    """labelIds, instanceIds (labelId * 1000), their colours and an empty polygons json; the
+    test split's are all 0, as the official placeholders."""
+    ids = label_ids(image_id) if split != 'test' else np.zeros((HEIGHT, WIDTH), np.uint8)
+    return {'labelIds.png': png(ids), 'instanceIds.png': png(ids.astype(np.uint16) * 1000),
+            'color.png': png(colors(ids)),
+            'polygons.json': json.dumps({'imgHeight': HEIGHT, 'imgWidth': WIDTH,
+                                         'objects': []}).encode()}
+
+
+def write_zips(directory, image_replace=None, label_replace=None) -> None:
+    write_cityscapes_zips(directory, all_ids(), image, gt_fine, image_replace, label_replace)
 
 
 def prepare(tmp_path, **replace):

@@ -1,14 +1,11 @@
 """Cityscapes instances: the builder on tiny fake zips in the official layout, with 16-bit
 *_gtFine_instanceIds.png (labelId * 1000 + instance, bare labelIds for stuff and groups)."""
 
-import io
-import zipfile
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
+from helpers import png, write_cityscapes_zips
 
 from segjax.data import cityscapes_instances, instance_transforms
 from segjax.data.voc import CorruptFileError, MissingMemberError
@@ -39,39 +36,24 @@ def instance_ids(image_id: str, split: str) -> np.ndarray:
     return ids
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format='PNG')
-    return buffer.getvalue()
-
-
 def image(image_id: str) -> np.ndarray:
     rng = np.random.default_rng(sum(map(ord, image_id)))
     return rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
 
 
+def gt_fine(split: str, image_id: str) -> dict[str, bytes]:
+    """instanceIds, and the labelIds and (grey) colours they imply."""
+    ids = instance_ids(image_id, split)
+    label_ids = np.where(ids >= 1000, ids // 1000, ids).astype(np.uint8)
+    return {'instanceIds.png': png(ids), 'labelIds.png': png(label_ids),
+            'color.png': png(np.stack([label_ids] * 3, -1))}
+
+
 def write_zips(directory, label_replace=None) -> None:
-    images = {'README': b'leftImg8bit', 'license.txt': b'license'}
-    labels = {'README': b'gtFine', 'license.txt': b'license'}
-    for split, entries in IMAGES.items():
-        for city, image_id in entries:
-            images[f'leftImg8bit/{split}/{city}/{image_id}_leftImg8bit.png'] = png(image(image_id))
-            ids = instance_ids(image_id, split)
-            stem = f'gtFine/{split}/{city}/{image_id}_gtFine'
-            labels[f'{stem}_instanceIds.png'] = png(ids)
-            label_ids = np.where(ids >= 1000, ids // 1000, ids).astype(np.uint8)
-            labels[f'{stem}_labelIds.png'] = png(label_ids)
-            labels[f'{stem}_color.png'] = png(np.stack([label_ids] * 3, -1))
-    for name, data in (label_replace or {}).items():
-        if data is None:
-            del labels[name]
-        else:
-            labels[name] = data
-    for name, members in (('leftImg8bit_trainvaltest.zip', images),
-                          ('gtFine_trainvaltest.zip', labels)):
-        with zipfile.ZipFile(directory / name, 'w') as archive:
-            for member in sorted(members):
-                archive.writestr(member, members[member])
+    """`label_replace`: {gtFine member: its bytes, or None to leave it out}."""
+    frames = [(split, city, image_id) for split, entries in IMAGES.items()
+              for city, image_id in entries]
+    write_cityscapes_zips(directory, frames, image, gt_fine, label_replace=label_replace)
 
 
 def prepare(tmp_path, **replace):

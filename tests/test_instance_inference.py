@@ -10,22 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    numpy_state_dict,
+    spread_scores,
+    torch_maskrcnn_resnet18,
+    variables_from_torch,
+)
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segjax.instance import inference
 from segjax.instance.boxes import box_iou, large_enough
 from segjax.instance.maskrcnn import MaskRCNN
-from segjax.instance.torchvision_weights import load_maskrcnn
 from segjax.instance.visualize import draw_instances, instance_colors, mask_outline
-
-
-@pytest.fixture(scope='module')
-def tv():
-    torch = pytest.importorskip('torch')
-    torchvision = pytest.importorskip('torchvision')
-    return torch, torchvision
-
 
 SIZES = [(1, 1), (3, 500), (480, 640), (640, 480), (600, 800), (800, 600), (333, 1000),
          (1080, 1920), (427, 640), (612, 612), (37, 53), (800, 1333), (1333, 800), (799, 1201)]
@@ -212,10 +209,9 @@ def _compare_detections(ours: dict, theirs: dict, image_size) -> dict:
 
 def _parity(torch, torch_model, ours: MaskRCNN, images, min_size, max_size):
     torch_model.transform.min_size, torch_model.transform.max_size = (min_size,), max_size
-    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     prepared = inference.prepare_images(images, min_size=min_size, max_size=max_size)
-    variables = load_maskrcnn(jax.eval_shape(ours.init, jax.random.key(0),
-                                             jnp.asarray(prepared.images)), state)
+    variables = variables_from_torch(ours, jnp.asarray(prepared.images),
+                                     numpy_state_dict(torch_model))
     with torch.no_grad():
         expected = torch_model([torch.from_numpy(i.transpose(2, 0, 1) / np.float32(255))
                                 for i in images])
@@ -233,25 +229,15 @@ def _parity(torch, torch_model, ours: MaskRCNN, images, min_size, max_size):
               _compare_detections(result, reference, image.shape[:2]))
 
 
-def _spread(torch, model, feature_scale=1.0):
-    from test_maskrcnn import _spread_scores
-    _spread_scores(torch, model, feature_scale)
-
-
 @pytest.mark.slow
 def test_inference_on_two_sizes_matches_torchvision_resnet18(tv):
     """A small torchvision MaskRCNN (ResNet-18-FPN, 5 classes): two images of different sizes
     and aspect ratios, both resized (one up, one down) and padded together."""
-    torch, torchvision = tv
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchMaskRCNN
-    from torchvision.ops.misc import FrozenBatchNorm2d
+    torch, _ = tv
     torch.manual_seed(0)
-    backbone = _resnet_fpn_extractor(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d),
-                                     3)
-    torch_model = TorchMaskRCNN(backbone, num_classes=5, min_size=64, max_size=96,
-                                rpn_post_nms_top_n_test=200, box_detections_per_img=30).eval()
-    _spread(torch, torch_model)
+    torch_model = torch_maskrcnn_resnet18(min_size=64, max_size=96, rpn_post_nms_top_n_test=200,
+                                          box_detections_per_img=30).eval()
+    spread_scores(torch, torch_model)
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (50, 70, 3), np.uint8),
               rng.integers(0, 256, (120, 90, 3), np.uint8)]
@@ -268,7 +254,7 @@ def test_inference_on_two_sizes_matches_torchvision_resnet50(tv):
     torch.manual_seed(0)
     torch_model = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None).eval()
-    _spread(torch, torch_model, feature_scale=0.003)
+    spread_scores(torch, torch_model, feature_scale=0.003)
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (100, 150, 3), np.uint8),
               rng.integers(0, 256, (180, 120, 3), np.uint8)]

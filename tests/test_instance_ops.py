@@ -14,15 +14,6 @@ from segjax.instance.torchvision_weights import load_resnet_fpn, load_rpn_head
 from segjax.pth import PretrainedError, read_state_dict
 
 
-@pytest.fixture(scope='module')
-def tv():
-    """(torch, torchvision), or skip."""
-    torch = pytest.importorskip('torch')
-    torchvision = pytest.importorskip('torchvision')
-    torch.manual_seed(0)
-    return torch, torchvision
-
-
 def random_boxes(rng: np.random.Generator, count: int, extent: float = 60.0,
                  max_size: float = 25.0) -> np.ndarray:
     corner = rng.uniform(0, extent, (count, 2))

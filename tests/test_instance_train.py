@@ -7,18 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    TINY_MASKRCNN,
+    nchw,
+    nhwc,
+    numpy_state_dict,
+    spread_scores,
+    torch_maskrcnn_resnet18,
+    variables_from_torch,
+)
 
 from segjax.instance import losses, matching
 from segjax.instance.anchors import anchors_for_levels
-
-
-@pytest.fixture(scope='module')
-def tv():
-    """(torch, torchvision), or skip."""
-    torch = pytest.importorskip('torch')
-    torchvision = pytest.importorskip('torchvision')
-    torch.manual_seed(0)
-    return torch, torchvision
+from segjax.instance.maskrcnn import MaskRCNN, train_losses
 
 
 def random_boxes(rng: np.random.Generator, count: int, extent: float, max_size: float
@@ -386,6 +387,12 @@ def _instances(rng, image_size, padded, count):
     return boxes, labels, masks, np.arange(4) < count
 
 
+def _stacked(instances) -> dict:
+    """`_instances` of each image -> the batch of targets train_losses takes."""
+    return {name: jnp.asarray(np.stack([inst[i] for inst in instances]))
+            for i, name in enumerate(('boxes', 'labels', 'masks', 'valid'))}
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_train_losses_match_torchvision_training_forward(tv):
@@ -393,24 +400,14 @@ def test_train_losses_match_torchvision_training_forward(tv):
     batch of a 64 x 96 image with 3 instances and a 64 x 80 one with none. Sampling is made
     deterministic by sampler sizes above the anchor / proposal counts (every positive and
     negative is taken, in torch and in jax)."""
-    torch, torchvision = tv
-    from test_maskrcnn import _spread_scores, nchw, nhwc
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchMaskRCNN
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from segjax.instance.maskrcnn import MaskRCNN, train_losses
-    from segjax.instance.torchvision_weights import load_maskrcnn
-    backbone = _resnet_fpn_extractor(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d),
-                                     3)
+    torch, _ = tv
     everything = 100_000
-    torch_model = TorchMaskRCNN(backbone, num_classes=5, min_size=64, max_size=96,
-                                rpn_post_nms_top_n_train=200,
-                                rpn_batch_size_per_image=everything,
-                                box_batch_size_per_image=everything)
-    _spread_scores(torch, torch_model)
+    torch_model = torch_maskrcnn_resnet18(min_size=64, max_size=96, rpn_post_nms_top_n_train=200,
+                                          rpn_batch_size_per_image=everything,
+                                          box_batch_size_per_image=everything)
+    spread_scores(torch, torch_model)
     torch_model.train()
-    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    state = numpy_state_dict(torch_model)
 
     rng = np.random.default_rng(6)
     sizes, padded = [(64, 96), (64, 80)], (64, 96)
@@ -429,10 +426,8 @@ def test_train_losses_match_torchvision_training_forward(tv):
     ours = MaskRCNN(num_classes=5, depth=18, rpn_post_nms_top_n_train=200,
                     rpn_batch_size_per_image=everything, box_batch_size_per_image=everything)
     padded_images = jnp.asarray(nhwc(batch.tensors.numpy()))
-    variables = load_maskrcnn(jax.eval_shape(ours.init, jax.random.key(0), padded_images),
-                              state)
-    targets = {name: jnp.asarray(np.stack([inst[i] for inst in instances]))
-               for i, name in enumerate(('boxes', 'labels', 'masks', 'valid'))}
+    variables = variables_from_torch(ours, padded_images, state)
+    targets = _stacked(instances)
     got = jax.jit(train_losses, static_argnums=0)(
         ours, variables, padded_images, jnp.asarray(sizes, jnp.int32), targets,
         jax.random.key(1))
@@ -450,17 +445,14 @@ def test_train_losses_match_torchvision_training_forward(tv):
 def test_train_losses_gradients():
     """A tiny model with the default (random) sampling: finite losses, gradients reaching the
     RPN and every head, a different draw for a different key."""
-    from segjax.instance.maskrcnn import MaskRCNN, train_losses
-    model = MaskRCNN(num_classes=5, depth=18, fpn_channels=16, representation_size=32,
-                     mask_layers=(16,), mask_dim_reduced=16, rpn_post_nms_top_n_train=100,
+    model = MaskRCNN(num_classes=5, **TINY_MASKRCNN, rpn_post_nms_top_n_train=100,
                      box_batch_size_per_image=32)  # 32 of ~100 RoIs: a real draw
     rng = np.random.default_rng(7)
     images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)).astype(np.float32))
     sizes = jnp.array([[64, 64], [48, 64]], jnp.int32)
     instances = [_instances(rng, size, (64, 64), count)
                  for size, count in zip([(64, 64), (48, 64)], (2, 0), strict=True)]
-    targets = {name: jnp.asarray(np.stack([inst[i] for inst in instances]))
-               for i, name in enumerate(('boxes', 'labels', 'masks', 'valid'))}
+    targets = _stacked(instances)
     variables = jax.jit(model.init)(jax.random.key(0), images)
 
     def total(params, key):

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+from helpers import TINY_MASKRCNN
 from jax.sharding import AxisType
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -31,8 +32,7 @@ DATA = synthetic.SyntheticShapesConfig(
     min_object_size=8, max_object_size=18)
 CANVAS = 64  # the 32 px images resized x2, so the shapes meet FPN's 32 px anchors
 NUM_CLASSES = len(synthetic.CLASS_NAMES)
-TINY_MODEL = dict(num_classes=NUM_CLASSES, depth=18, fpn_channels=16, representation_size=32,
-                  mask_layers=(16,), mask_dim_reduced=16, rpn_pre_nms_top_n_train=200,
+TINY_MODEL = dict(TINY_MASKRCNN, num_classes=NUM_CLASSES, rpn_pre_nms_top_n_train=200,
                   rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=20,
                   box_batch_size_per_image=32, detections_per_image=10)
 BATCH = 8

@@ -8,6 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    nchw,
+    nhwc,
+    numpy_state_dict,
+    spread_scores,
+    torch_maskrcnn_resnet18,
+    variables_from_torch,
+)
 
 from segjax.instance import postprocess
 from segjax.instance.boxes import box_iou, large_enough
@@ -26,23 +34,6 @@ from segjax.instance.torchvision_weights import (
 )
 from segjax.models.ops import ConvTranspose2x2
 from segjax.pth import PretrainedError, read_state_dict
-
-
-@pytest.fixture(scope='module')
-def tv():
-    """(torch, torchvision), or skip."""
-    torch = pytest.importorskip('torch')
-    torchvision = pytest.importorskip('torchvision')
-    torch.manual_seed(0)
-    return torch, torchvision
-
-
-def nchw(x: np.ndarray) -> np.ndarray:
-    return x.transpose(0, 3, 1, 2)
-
-
-def nhwc(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 2, 3, 1)
 
 
 def random_boxes(rng: np.random.Generator, count: int, extent: float, max_size: float
@@ -265,30 +256,6 @@ def test_paste_masks_match_torchvision(tv):
 # --------------------------------------------------------------------------------------------
 # The whole model.
 
-def _spread_scores(torch, model, feature_scale: float = 1.0):
-    """Random RPN weights give objectness logits within ~1e-3 of each other: scaled, the
-    proposals' order no longer hangs on float rounding. Class logits likewise. A random
-    ResNet-50's FPN levels reach ~2000 (every RPN delta past the exp clip): `feature_scale`
-    scales the FPN output convs."""
-    with torch.no_grad():
-        for block in model.backbone.fpn.layer_blocks:
-            block[0].weight.mul_(feature_scale)
-            block[0].bias.mul_(feature_scale)
-        model.rpn.head.cls_logits.weight.mul_(50)
-        model.rpn.head.bbox_pred.weight.mul_(3)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(10)
-        for name, parameter in model.named_parameters():
-            if name.endswith('bias') and not name.startswith('backbone.body'):
-                parameter.normal_(0, 0.1)
-        for module in model.backbone.body.modules():
-            if hasattr(module, 'running_var'):  # BatchNorm2d or FrozenBatchNorm2d
-                channels = module.running_var.shape[0]
-                module.weight.copy_(torch.rand(channels) + 0.5)
-                module.bias.copy_(torch.randn(channels) * 0.1)
-                module.running_mean.copy_(torch.randn(channels) * 0.1)
-                module.running_var.copy_(torch.rand(channels) + 0.5)
-
-
 def _heads_on(ours: MaskRCNN, params, levels, image_size):
     """{'box': boxes [1, R, 4] -> (class logits, deltas), 'mask': boxes -> mask logits}: the
     RoI heads of `ours` with `params` on given boxes over FPN `levels` (P2..P5)."""
@@ -339,7 +306,7 @@ def _compare_with_torchvision(torch, torch_model, ours: MaskRCNN, state_dict, im
 
     padded = jnp.asarray(nhwc(batch.tensors.numpy()))
     image_sizes = jnp.asarray(batch.image_sizes, jnp.int32)
-    variables = load_maskrcnn(jax.eval_shape(ours.init, jax.random.key(0), padded), state_dict)
+    variables = variables_from_torch(ours, padded, state_dict)
     out, state = jax.jit(lambda v, x, s: ours.apply(
         v, x, s, capture_intermediates=True, mutable=['intermediates']))(variables, padded,
                                                                           image_sizes)
@@ -401,16 +368,11 @@ def test_maskrcnn_resnet18_fpn_matches_torchvision(tv):
     """A torchvision MaskRCNN over a ResNet-18-FPN, 5 classes, a batch of a 64 x 96 and a
     64 x 80 image (its transform keeps the sizes, pads the second): every stage and the final
     detections."""
-    torch, torchvision = tv
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchMaskRCNN
-    from torchvision.ops.misc import FrozenBatchNorm2d
-    backbone = _resnet_fpn_extractor(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d),
-                                     3)
-    torch_model = TorchMaskRCNN(backbone, num_classes=5, min_size=64, max_size=96,
-                                rpn_post_nms_top_n_test=200, box_detections_per_img=30).eval()
-    _spread_scores(torch, torch_model)
-    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    torch, _ = tv
+    torch_model = torch_maskrcnn_resnet18(min_size=64, max_size=96, rpn_post_nms_top_n_test=200,
+                                          box_detections_per_img=30).eval()
+    spread_scores(torch, torch_model)
+    state = numpy_state_dict(torch_model)
     ours = MaskRCNN(num_classes=5, depth=18, rpn_post_nms_top_n=200, detections_per_image=30)
     rng = np.random.default_rng(4)
     images = [rng.uniform(size=size).astype(np.float32) for size in [(64, 96, 3), (64, 80, 3)]]
@@ -425,7 +387,7 @@ def test_maskrcnn_resnet50_fpn_matches_torchvision(tv, tmp_path):
     torch, torchvision = tv
     torch_model = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=128, max_size=160).eval()
-    _spread_scores(torch, torch_model, feature_scale=0.003)
+    spread_scores(torch, torch_model, feature_scale=0.003)
     torch.save(torch_model.state_dict(), tmp_path / 'maskrcnn.pth')
     state = read_state_dict(tmp_path / 'maskrcnn.pth')
     image = np.random.default_rng(5).uniform(size=(128, 160, 3)).astype(np.float32)
@@ -433,13 +395,7 @@ def test_maskrcnn_resnet50_fpn_matches_torchvision(tv, tmp_path):
 
 
 def test_load_maskrcnn_names_every_problem(tv):
-    torch, torchvision = tv
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchMaskRCNN
-    from torchvision.ops.misc import FrozenBatchNorm2d
-    backbone = _resnet_fpn_extractor(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d),
-                                     3)
-    state = {k: v.numpy() for k, v in TorchMaskRCNN(backbone, num_classes=5).state_dict().items()}
+    state = numpy_state_dict(torch_maskrcnn_resnet18())
     ours = MaskRCNN(num_classes=5, depth=18)
     template = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     loaded = load_maskrcnn(template, state)

@@ -1,7 +1,8 @@
 """Preparing a data set from several processes at once: one prepares, the others wait (saying so)
-and reuse it; all of them read the same data."""
+and reuse it; all of them read the same data. And the prepare command (prepare.cli)."""
 
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from segjax import logs
 from segjax.data import prepare, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,3 +132,65 @@ def test_failure_is_one_line_and_stale_incomplete_dirs_go(tmp_path):
     assert str(error.value) == (f'preparing broken/tiny_race/1.0.0 in {tmp_path}: disk full '
                                 'while writing train second line')
     assert not [p for p in tmp_path.rglob('incomplete*')]
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepare command every builder's `main` is (prepare.cli).
+
+
+@pytest.fixture
+def cli_log_state(monkeypatch):
+    """cli calls logs.quiet(), which changes process-wide settings; restore them after."""
+    monkeypatch.setattr(logs, '_state', {'quiet': False, 'verbose': False})
+    yield
+    logging.getLogger('absl').removeFilter(logs._FILTER)
+    tfds.display_progress_bar(True)
+
+
+def test_cli_prepares_then_prints_splits_report_and_where(tmp_path, capsys, cli_log_state):
+    seen = []
+
+    def make_builder(args):
+        seen.append((args.config, args.manual_dir))  # the builder's own flag reaches it
+        return synthetic.SyntheticShapes(config=TINY, data_dir=args.data_dir)
+
+    prepare.cli(['--data_dir', str(tmp_path), '--config', 'tiny', '--manual_dir', 'm'],
+                prog='python -m tiny', description='Prepare tiny.', manual_files='nothing',
+                add_arguments=lambda parser: parser.add_argument('--config'),
+                make_builder=make_builder,
+                report=lambda builder: print('report:', builder.info.full_name))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f'preparing synthetic_shapes/tiny_race/1.0.0 in {tmp_path} (once; later '
+                        'runs reuse it)')
+    assert lines[1].startswith('prepared synthetic_shapes/tiny_race/1.0.0 in ')
+    # Quiet by default: no TFDS banner between segjax's lines.
+    assert lines[2:] == ['train: 24 examples', 'validation: 8 examples',
+                         'report: synthetic_shapes/tiny_race/1.0.0',
+                         f'prepared in {tmp_path}/synthetic_shapes/tiny_race/1.0.0']
+    assert set(seen) == {('tiny', 'm')}
+
+
+def test_cli_failure_is_one_line_and_exit_code_1(tmp_path, capsys, cli_log_state):
+    def make_builder(args):
+        raise prepare.PrepareError(f'{args.data_dir}/x.zip is truncated; download it again')
+
+    with pytest.raises(SystemExit) as exit_:
+        prepare.cli(['--data_dir', str(tmp_path)], prog='python -m broken',
+                    description='Prepare broken.', manual_files='x.zip',
+                    make_builder=make_builder)
+    assert exit_.value.code == 1
+    output = capsys.readouterr()
+    assert output.out == ''
+    assert output.err == (f'python -m broken: error: {tmp_path}/x.zip is truncated; download it '
+                          'again\n')
+
+
+def test_cli_help_names_the_manual_files(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prepare.cli(['--help'], prog='python -m tiny', description='Prepare tiny.',
+                    manual_files='the two zips', make_builder=None)
+    assert exit_.value.code == 0
+    help_text = ' '.join(capsys.readouterr().out.split())
+    assert ('usage: python -m tiny [-h] [--data_dir DATA_DIR] [--manual_dir MANUAL_DIR] '
+            '[--verbose] Prepare tiny.') in help_text
+    assert 'directory holding the two zips (default <data_dir>/downloads/manual)' in help_text

@@ -31,14 +31,11 @@ file. Prepare with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
 import re
 import sys
 import zipfile
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,15 +44,9 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from segjax import logs
 from segjax.data import prepare
-from segjax.data.voc import (
-    CorruptFileError,
-    MissingMemberError,
-    UnknownLabels,
-    encode_png,
-    manual_dir,
-)
+from segjax.data.prepare import CorruptFileError, MissingMemberError
+from segjax.data.voc import UnknownLabels, encode_png, manual_dir
 
 if __name__ == '__main__':
     # `python -m segjax.data.ade20k` runs the package's copy of this module, so that the builder
@@ -137,6 +128,7 @@ ROOT = 'ADEChallengeData2016'
 OFFICIAL_SIZES = {'train': 20_210, 'validation': 2_000}
 # Far above any ADE20K file or image; what a hostile member would need to exhaust memory.
 MAX_MEMBER_BYTES = 64 << 20
+_MEMBER_IS = 'an ADE20K image or annotation'  # what MAX_MEMBER_BYTES is the limit of
 MAX_PIXELS = 1 << 26  # 8192 x 8192; checked from the header before decoding
 
 _SPLIT_DIRS = {'training': 'train', 'validation': 'validation'}
@@ -220,23 +212,8 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
 @contextlib.contextmanager
 def open_archive(path: epath.Path) -> Iterator[zipfile.ZipFile]:
     """zipfile.ZipFile(path), a truncated or corrupt zip being a prepare.DamagedArchiveError."""
-    try:
-        archive = zipfile.ZipFile(os.fspath(path))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise prepare.DamagedArchiveError(
-            f'{os.fspath(path)} is truncated or corrupt (reading it failed: '
-            f'{prepare.one_line(str(e))}); '
-            f'{prepare.archive_advice(Ade20k.ARCHIVES[ARCHIVE], path)}') from e
-    with archive:
+    with prepare.open_zip(path, Ade20k.ARCHIVES[ARCHIVE]) as archive:
         yield archive
-
-
-def _is_unsafe(name: str) -> bool:
-    """An absolute or drive-rooted name, a `..` component or a backslash: never in the
-    official archive, and what path-traversal archives use."""
-    parts = name.split('/')
-    return (name.startswith('/') or '\\' in name or '..' in parts or '\x00' in name
-            or re.match(r'^[A-Za-z]:', name) is not None)
 
 
 def paired_members(archive: zipfile.ZipFile,
@@ -245,27 +222,21 @@ def paired_members(archive: zipfile.ZipFile,
     of the archive (objectInfo150.txt, sceneCategories.txt, directories) is left alone."""
     found = {(kind, split): {} for kind in ('images', 'annotations')
              for split in _SPLIT_DIRS.values()}
-    for info in archive.infolist():
-        member = f'{ARCHIVE}:{info.filename}'
-        if _is_unsafe(info.filename):
-            raise CorruptFileError(f'archive member {member!r} has an unsafe name (absolute, '
-                                   "'..' or backslash); the official archive has none", member)
+    for info in prepare.zip_members(archive).values():  # unsafe and duplicate names refused
         match = _MEMBER.fullmatch(info.filename)
-        if info.is_dir() or match is None:
+        if match is None:
             continue
         split = _SPLIT_DIRS[match['dir']]
         expected = ('images', 'jpg') if match['kind'] == 'images' else ('annotations', 'png')
         if (match['kind'], match['ext']) != expected or (match['prefix'] == 'train') != (
                 split == 'train'):
             continue  # e.g. a .png among the images: not an example
-        if info.file_size > MAX_MEMBER_BYTES:
+        if info.file_size > MAX_MEMBER_BYTES:  # all of them before any is read
+            member = f'{ARCHIVE}:{info.filename}'
             raise CorruptFileError(
                 f'archive member {member} is {info.file_size:,} bytes, more than the '
-                f'{MAX_MEMBER_BYTES:,} an ADE20K image or annotation can be', member)
-        group = found[(match['kind'], split)]
-        if match['id'] in group:
-            raise CorruptFileError(f'archive member {member} is in the archive twice', member)
-        group[match['id']] = info
+                f'{MAX_MEMBER_BYTES:,} {_MEMBER_IS} can be', member)
+        found[(match['kind'], split)][match['id']] = info
     pairs = {}
     for split, directory in ((s, d) for d, s in _SPLIT_DIRS.items()):
         images, labels = found[('images', split)], found[('annotations', split)]
@@ -286,19 +257,8 @@ def paired_members(archive: zipfile.ZipFile,
 
 
 def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    """The member's bytes, never more than MAX_MEMBER_BYTES whatever its header says; a bad
-    CRC, an encrypted or undecompressable member is a CorruptFileError naming it."""
-    member = f'{ARCHIVE}:{info.filename}'
-    try:
-        with archive.open(info) as f:
-            data = f.read(MAX_MEMBER_BYTES + 1)
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError,
-            OSError, ValueError) as e:
-        raise CorruptFileError(f'archive member {member} cannot be read: {e}', member) from e
-    if len(data) > MAX_MEMBER_BYTES:
-        raise CorruptFileError(f'archive member {member} is more than {MAX_MEMBER_BYTES:,} '
-                               'bytes', member)
-    return data
+    """The member's bytes, never more than MAX_MEMBER_BYTES whatever its header says."""
+    return prepare.read_zip_member(archive, info, MAX_MEMBER_BYTES, _MEMBER_IS)
 
 
 def _open_image(data: bytes, member: str, what: str) -> Image.Image:
@@ -344,20 +304,9 @@ def read_annotation(data: bytes, member: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m segjax.data.ade20k',
-                                     description='Prepare ade20k_segmentation (TFDS).')
-    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default=None,
-                        help=f'directory holding {ARCHIVE} (default <data_dir>/downloads/manual)')
-    logs.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    logs.quiet(args.verbose)
-    try:
-        builder = prepare.prepared(lambda: Ade20k(data_dir=args.data_dir),
-                                   tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
-        parser.exit(1, f'{parser.prog}: error: {e}\n')
-    for split, info in builder.info.splits.items():
-        print(f'{split}: {info.num_examples} examples')
-    print('labels outside 0..150:', dict(builder.info.metadata['unknown_label_values']))
-    print('prepared in', os.fspath(builder.data_dir))
+    prepare.cli(
+        argv, prog='python -m segjax.data.ade20k',
+        description='Prepare ade20k_segmentation (TFDS).', manual_files=ARCHIVE,
+        make_builder=lambda args: Ade20k(data_dir=args.data_dir),
+        report=lambda builder: print('labels outside 0..150:',
+                                     dict(builder.info.metadata['unknown_label_values'])))

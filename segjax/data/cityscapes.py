@@ -25,7 +25,6 @@ counted (logged and kept in `builder.info.metadata['unknown_label_values']`).
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 # First: TensorFlow (loaded by TFDS's Cityscapes module) reads its C++ log level when it loads.
-from segjax import logs
+from segjax import logs  # noqa: F401
 
 # isort: split
 
@@ -43,13 +42,8 @@ from PIL import Image
 from tensorflow_datasets.datasets.cityscapes import cityscapes_dataset_builder as tfds_cityscapes
 
 from segjax.data import prepare
-from segjax.data.voc import (
-    CorruptFileError,
-    MissingMemberError,
-    UnknownLabels,
-    encode_png,
-    manual_dir,
-)
+from segjax.data.prepare import CorruptFileError, MissingMemberError
+from segjax.data.voc import UnknownLabels, encode_png, manual_dir
 
 if __name__ == '__main__':
     # `python -m segjax.data.cityscapes` runs the package's copy of this module, so that the builder
@@ -263,21 +257,9 @@ def _read_label(path: str, member: str) -> tuple[bytes | None, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m segjax.data.cityscapes',
-                                     description='Prepare cityscapes_segmentation (TFDS).')
-    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default=None,
-                        help='directory holding the two zips (default <data_dir>/downloads/manual)')
-    logs.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    logs.quiet(args.verbose)
-    try:
-        builder = prepare.prepared(lambda: Cityscapes(data_dir=args.data_dir),
-                                   tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
-        parser.exit(1, f'{parser.prog}: error: {e}\n')
-    for split, info in builder.info.splits.items():
-        print(f'{split}: {info.num_examples} examples')
-    print('labels outside 0..33:', dict(builder.info.metadata['unknown_label_values']))
-    print('prepared in', os.fspath(builder.data_dir))
-
+    prepare.cli(
+        argv, prog='python -m segjax.data.cityscapes',
+        description='Prepare cityscapes_segmentation (TFDS).', manual_files='the two zips',
+        make_builder=lambda args: Cityscapes(data_dir=args.data_dir),
+        report=lambda builder: print('labels outside 0..33:',
+                                     dict(builder.info.metadata['unknown_label_values'])))

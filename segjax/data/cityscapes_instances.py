@@ -24,7 +24,6 @@ order. The test split's labels are not public (its PNGs are placeholders): it ha
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -36,11 +35,10 @@ from absl import logging
 from PIL import Image
 from tensorflow_datasets.datasets.cityscapes import cityscapes_dataset_builder as tfds_cityscapes
 
-from segjax import logs
 from segjax.data import prepare
 from segjax.data.cityscapes import LABELS, Cityscapes, _read_file, _read_png
 from segjax.data.instances import mask_to_box
-from segjax.data.voc import CorruptFileError
+from segjax.data.prepare import CorruptFileError
 
 if __name__ == '__main__':
     # `python -m segjax.data.cityscapes_instances` runs the package's copy of this module, so
@@ -172,19 +170,6 @@ class CityscapesInstances(Cityscapes):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m segjax.data.cityscapes_instances',
-                                     description='Prepare cityscapes_instances (TFDS).')
-    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default=None,
-                        help='directory holding the two zips (default <data_dir>/downloads/manual)')
-    logs.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    logs.quiet(args.verbose)
-    try:
-        builder = prepare.prepared(lambda: CityscapesInstances(data_dir=args.data_dir),
-                                   tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
-        parser.exit(1, f'{parser.prog}: error: {e}\n')
-    for split, info in builder.info.splits.items():
-        print(f'{split}: {info.num_examples} examples')
-    print('prepared in', os.fspath(builder.data_dir))
+    prepare.cli(argv, prog='python -m segjax.data.cityscapes_instances',
+                description='Prepare cityscapes_instances (TFDS).', manual_files='the two zips',
+                make_builder=lambda args: CityscapesInstances(data_dir=args.data_dir))

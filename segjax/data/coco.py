@@ -39,16 +39,12 @@ decoded masks. Prepare with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import math
-import os
-import re
 import sys
 import zipfile
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,9 +54,9 @@ from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segjax import logs
 from segjax.data import prepare
-from segjax.data.voc import CorruptFileError, MissingMemberError, encode_png, manual_dir
+from segjax.data.prepare import CorruptFileError, MissingMemberError
+from segjax.data.voc import encode_png, manual_dir
 
 if __name__ == '__main__':
     # `python -m segjax.data.coco` runs the package's copy of this module, so that the builder
@@ -177,7 +173,7 @@ class Coco2017Instances(tfds.core.GeneratorBasedBuilder):
                 'DownloadConfig(manual_dir=) pointing at where they are).')
         self.archive_paths = {name: directory / name for name in _URLS}
         with open_archive(self.archive_paths[ANNOTATIONS_ARCHIVE]) as archive:
-            names = member_index(archive)
+            names = prepare.zip_members(archive)
             for split in IMAGE_ARCHIVES:  # fail before any image is read
                 if annotations_member(split) not in names:
                     raise MissingMemberError(
@@ -189,7 +185,7 @@ class Coco2017Instances(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         # The json is read when the split is generated, so one split's json is held at a time.
         with open_archive(self.archive_paths[ANNOTATIONS_ARCHIVE]) as archive:
-            info = member_index(archive)[annotations_member(split)]
+            info = prepare.zip_members(archive)[annotations_member(split)]
             dataset = parse_json(read_member(archive, info, MAX_JSON_BYTES),
                                  f'{ANNOTATIONS_ARCHIVE}:{info.filename}')
         json_member = f'{ANNOTATIONS_ARCHIVE}:{annotations_member(split)}'
@@ -198,7 +194,7 @@ class Coco2017Instances(tfds.core.GeneratorBasedBuilder):
         dropped = DroppedPolygons()
         image_archive = IMAGE_ARCHIVES[split]
         with open_archive(self.archive_paths[image_archive]) as archive:
-            members = member_index(archive)
+            members = prepare.zip_members(archive)
             for image_id in sorted(images):
                 entry = images[image_id]
                 name = f'{_IMAGE_DIRS[split]}/{entry["file_name"]}'
@@ -233,57 +229,13 @@ class Coco2017Instances(tfds.core.GeneratorBasedBuilder):
 @contextlib.contextmanager
 def open_archive(path: epath.Path) -> Iterator[zipfile.ZipFile]:
     """zipfile.ZipFile(path), a truncated or corrupt zip being a prepare.DamagedArchiveError."""
-    try:
-        archive = zipfile.ZipFile(os.fspath(path))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise prepare.DamagedArchiveError(
-            f'{os.fspath(path)} is truncated or corrupt (reading it failed: '
-            f'{prepare.one_line(str(e))}); '
-            f'{prepare.archive_advice(Coco2017Instances.ARCHIVES[path.name], path)}') from e
-    with archive:
+    with prepare.open_zip(path, Coco2017Instances.ARCHIVES[path.name]) as archive:
         yield archive
 
 
-def _is_unsafe(name: str) -> bool:
-    """An absolute or drive-rooted name, a `..` component, a backslash or NUL: never in the
-    official zips, and what path-traversal archives use."""
-    return (name.startswith('/') or '\\' in name or '..' in name.split('/') or '\x00' in name
-            or re.match(r'^[A-Za-z]:', name) is not None)
-
-
-def member_index(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
-    """{member name: ZipInfo} of the files; an unsafe or duplicate name is an error."""
-    archive_name = os.path.basename(archive.filename or '')
-    index = {}
-    for info in archive.infolist():
-        member = f'{archive_name}:{info.filename}'
-        if _is_unsafe(info.filename):
-            raise CorruptFileError(f'archive member {member!r} has an unsafe name (absolute, '
-                                   "'..' or backslash); the official archive has none", member)
-        if info.is_dir():
-            continue
-        if info.filename in index:
-            raise CorruptFileError(f'archive member {member} is in the archive twice', member)
-        index[info.filename] = info
-    return index
-
-
 def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-    """The member's bytes, never more than `limit` whatever its header says; a bad CRC, an
-    encrypted or undecompressable member is a CorruptFileError naming it."""
-    member = f'{os.path.basename(archive.filename or "")}:{info.filename}'
-    if info.file_size > limit:
-        raise CorruptFileError(f'archive member {member} is {info.file_size:,} bytes, more than '
-                               f'the {limit:,} a COCO file can be', member)
-    try:
-        with archive.open(info) as f:
-            data = f.read(limit + 1)
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError,
-            OSError, ValueError) as e:
-        raise CorruptFileError(f'archive member {member} cannot be read: {e}', member) from e
-    if len(data) > limit:  # a header that lies about the size (a decompression bomb)
-        raise CorruptFileError(f'archive member {member} is more than {limit:,} bytes', member)
-    return data
+    """The member's bytes, never more than `limit` whatever its header says."""
+    return prepare.read_zip_member(archive, info, limit, 'a COCO file')
 
 
 def read_image(data: bytes, member: str) -> tuple[bytes, tuple[int, int]]:
@@ -368,7 +320,7 @@ def index_annotations(dataset: dict, member: str) -> tuple[dict[int, dict], dict
         width = _field(entry, 'width', int, where, member)
         if image_id in images:
             raise CorruptFileError(f'{member}: {where} repeats image id {image_id}', member)
-        if '/' in file_name or _is_unsafe(file_name) or file_name in ('', '.'):
+        if '/' in file_name or prepare.is_unsafe_member_name(file_name) or file_name in ('', '.'):
             raise CorruptFileError(f'{member}: {where} has file_name {file_name!r:.80}, expected '
                                    'a plain file name', member)
         if height < 1 or width < 1 or height * width > MAX_PIXELS:
@@ -536,21 +488,9 @@ def decode_instances(annotations: list[dict], height: int, width: int, member: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m segjax.data.coco',
-                                     description='Prepare coco2017_instances (TFDS).')
-    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default=None,
-                        help='directory holding the three zips '
-                             '(default <data_dir>/downloads/manual)')
-    logs.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    logs.quiet(args.verbose)
-    try:
-        builder = prepare.prepared(lambda: Coco2017Instances(data_dir=args.data_dir),
-                                   tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
-        parser.exit(1, f'{parser.prog}: error: {e}\n')
-    for split, info in builder.info.splits.items():
-        print(f'{split}: {info.num_examples} examples')
-    print('dropped polygons:', dict(builder.info.metadata['dropped_polygons']))
-    print('prepared in', os.fspath(builder.data_dir))
+    prepare.cli(
+        argv, prog='python -m segjax.data.coco',
+        description='Prepare coco2017_instances (TFDS).', manual_files='the three zips',
+        make_builder=lambda args: Coco2017Instances(data_dir=args.data_dir),
+        report=lambda builder: print('dropped polygons:',
+                                     dict(builder.info.metadata['dropped_polygons'])))

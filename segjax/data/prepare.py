@@ -17,10 +17,15 @@ run (`segjax.experiment.dataset_builder`) call. It
   `incomplete.*` directories the failed attempt left (TFDS leaves half-extracted archives);
 - re-extracts an archive whose file changed since it was extracted (TFDS keys extractions by
   file name only, so a re-downloaded archive would otherwise be read from the old extraction).
+
+It also holds what the builders share: the errors naming an archive member (CorruptFileError),
+reading a zip in place without trusting its members (`open_zip`, `zip_members`,
+`read_zip_member`), and the prepare command itself (`cli`, each builder's `main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import errno
@@ -28,10 +33,13 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
 import traceback
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 
 import tensorflow_datasets as tfds
@@ -49,6 +57,22 @@ class PrepareError(RuntimeError):
 
 class DamagedArchiveError(PrepareError):
     """An archive that cannot be extracted (truncated or corrupt)."""
+
+
+class CorruptFileError(ValueError):
+    """An archive member that cannot be read as what it should be (names the member).
+
+    `member` is '<archive file name>:<path inside it>'; `archive` (its first part) lets
+    `prepared` add what to do about the archive to the message.
+    """
+
+    def __init__(self, message: str, member: str = ''):
+        super().__init__(message)
+        self.archive = member.split(':', 1)[0] if ':' in member else None
+
+
+class MissingMemberError(CorruptFileError):
+    """A file the archive's own lists name is not in it: a truncated or different archive."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +178,71 @@ def extract(dl_manager: tfds.download.DownloadManager, path: epath.PathLike,
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading a zip in place: untrusted members.
+
+
+@contextlib.contextmanager
+def open_zip(path: epath.PathLike, archive: Archive) -> Iterator[zipfile.ZipFile]:
+    """zipfile.ZipFile(path), a truncated or corrupt zip being a DamagedArchiveError."""
+    try:
+        opened = zipfile.ZipFile(os.fspath(path))
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise DamagedArchiveError(
+            f'{os.fspath(path)} is truncated or corrupt (reading it failed: '
+            f'{one_line(str(e))}); {archive_advice(archive, path)}') from e
+    with opened:
+        yield opened
+
+
+def is_unsafe_member_name(name: str) -> bool:
+    """An absolute or drive-rooted name, a `..` component, a backslash or NUL: never in an
+    official archive, and what path-traversal archives use."""
+    return (name.startswith('/') or '\\' in name or '..' in name.split('/') or '\x00' in name
+            or re.match(r'^[A-Za-z]:', name) is not None)
+
+
+def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    """'<zip file name>:<member>', as errors name it."""
+    return f'{os.path.basename(archive.filename or "")}:{info.filename}'
+
+
+def zip_members(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """{member name: ZipInfo} of the files; an unsafe or duplicate name is a CorruptFileError."""
+    index = {}
+    for info in archive.infolist():
+        member = _member(archive, info)
+        if is_unsafe_member_name(info.filename):
+            raise CorruptFileError(f'archive member {member!r} has an unsafe name (absolute, '
+                                   "'..' or backslash); the official archive has none", member)
+        if info.is_dir():
+            continue
+        if info.filename in index:
+            raise CorruptFileError(f'archive member {member} is in the archive twice', member)
+        index[info.filename] = info
+    return index
+
+
+def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int,
+                    what: str) -> bytes:
+    """The member's bytes, never more than `limit` whatever its header says ('... more than the
+    {limit} {what} can be'); a bad CRC, an encrypted or undecompressable member is a
+    CorruptFileError naming it."""
+    member = _member(archive, info)
+    if info.file_size > limit:
+        raise CorruptFileError(f'archive member {member} is {info.file_size:,} bytes, more than '
+                               f'the {limit:,} {what} can be', member)
+    try:
+        with archive.open(info) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError,
+            OSError, ValueError) as e:
+        raise CorruptFileError(f'archive member {member} cannot be read: {e}', member) from e
+    if len(data) > limit:  # a header that lies about the size (a decompression bomb)
+        raise CorruptFileError(f'archive member {member} is more than {limit:,} bytes', member)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
 # Locking.
 
 
@@ -253,3 +342,36 @@ def prepared(make_builder: Callable[[], tfds.core.DatasetBuilder],
             traceback.print_exception(e)
         raise PrepareError(_message(e, builder)) from e
     return make_builder()
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepare command.
+
+
+def cli(argv: list[str] | None, *, prog: str, description: str, manual_files: str,
+        make_builder: Callable[[argparse.Namespace], tfds.core.DatasetBuilder],
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        report: Callable[[tfds.core.DatasetBuilder], None] | None = None) -> None:
+    """`python -m segjax.data.<builder>`: prepares `make_builder(args)` in --data_dir from the
+    files in --manual_dir (`manual_files` says which, in --help), then prints each split's size,
+    what `report` prints and where the data is. `add_arguments` adds the builder's own flags.
+    A failure is one line on stderr and exit code 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
+    parser.add_argument('--manual_dir', default=None, help=f'directory holding {manual_files} '
+                        '(default <data_dir>/downloads/manual)')
+    if add_arguments is not None:
+        add_arguments(parser)
+    logs.add_verbose_flag(parser)
+    args = parser.parse_args(argv)
+    logs.quiet(args.verbose)
+    try:
+        builder = prepared(lambda: make_builder(args),
+                           tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    except PrepareError as e:  # missing, damaged or mismatched files: one line
+        parser.exit(1, f'{parser.prog}: error: {e}\n')
+    for split, info in builder.info.splits.items():
+        print(f'{split}: {info.num_examples} examples')
+    if report is not None:
+        report(builder)
+    print('prepared in', os.fspath(builder.data_dir))

@@ -26,11 +26,9 @@ by TFDS's download manager and checked against recorded checksums. Prepare with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
-import os
 import sys
 from collections.abc import Iterator
 
@@ -40,8 +38,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from segjax import logs
 from segjax.data import prepare
+from segjax.data.prepare import CorruptFileError, MissingMemberError
 
 if __name__ == '__main__':
     # `python -m segjax.data.voc` runs the package's copy of this module, so that the builder
@@ -83,22 +81,6 @@ _VOC_ROOT = 'VOCdevkit/VOC2012'
 _SBD_ROOT = 'benchmark_RELEASE/dataset'
 _KNOWN = np.zeros(256, bool)
 _KNOWN[: len(CLASS_NAMES)] = _KNOWN[IGNORE_INDEX] = True
-
-
-class CorruptFileError(ValueError):
-    """An archive member that cannot be read as what it should be (names the member).
-
-    `member` is '<archive file name>:<path inside it>'; `archive` (its first part) lets
-    prepare.prepared add what to do about the archive to the message.
-    """
-
-    def __init__(self, message: str, member: str = ''):
-        super().__init__(message)
-        self.archive = member.split(':', 1)[0] if ':' in member else None
-
-
-class MissingMemberError(CorruptFileError):
-    """A file the archive's own lists name is not in it: a truncated or different archive."""
 
 
 @dataclasses.dataclass
@@ -380,23 +362,11 @@ class UnknownLabels:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m segjax.data.voc',
-                                     description='Prepare voc2012_segmentation (TFDS).')
-    parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default=None,
-                        help='directory holding the archives (default <data_dir>/downloads/manual)')
-    parser.add_argument('--config', default='voc2012', choices=['voc2012', 'aug'])
-    logs.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    logs.quiet(args.verbose)
-    try:
-        builder = prepare.prepared(
-            lambda: VocSegmentation(config=args.config, data_dir=args.data_dir),
-            tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-    except prepare.PrepareError as e:  # missing, damaged or mismatched files: one line
-        parser.exit(1, f'{parser.prog}: error: {e}\n')
-    for split, info in builder.info.splits.items():
-        print(f'{split}: {info.num_examples} examples')
-    print('labels outside the known set:', dict(builder.info.metadata['unknown_label_values']))
-    print('prepared in', os.fspath(builder.data_dir))
-
+    prepare.cli(
+        argv, prog='python -m segjax.data.voc', description='Prepare voc2012_segmentation (TFDS).',
+        manual_files='the archives',
+        add_arguments=lambda parser: parser.add_argument('--config', default='voc2012',
+                                                         choices=['voc2012', 'aug']),
+        make_builder=lambda args: VocSegmentation(config=args.config, data_dir=args.data_dir),
+        report=lambda builder: print('labels outside the known set:',
+                                     dict(builder.info.metadata['unknown_label_values'])))
