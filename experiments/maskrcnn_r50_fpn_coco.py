@@ -1,9 +1,24 @@
 """Mask R-CNN ResNet-50-FPN on COCO 2017: torchvision's 1x recipe (maskrcnn_resnet50_fpn).
 
     python -m segjax.data.coco --data_dir ~/tensorflow_datasets   # the official zips, once
-    python -m segjax.train --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/mrcnn_coco
+    python -m segjax.train --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/mrcnn_coco \
+        --config.pretrained=weights/resnet50-0676ba61.pth
     python -m segjax.evaluate --config experiments/maskrcnn_r50_fpn_coco.py \
         --workdir runs/mrcnn_coco
+
+ImageNet weights (the recipe's start; see docs/models.md "Pretrained weights"): torchvision's
+ResNet-50 IMAGENET1K_V1, the backbone torchvision's maskrcnn_resnet50_fpn trains from,
+https://download.pytorch.org/models/resnet50-0676ba61.pth. `--config.pretrained` fills the
+backbone's ResNet (backbone/body) with it (its `fc.*` left out); the FPN and the RPN and RoI
+heads start from their initialisation, as torchvision's.
+
+torchvision's own COCO weights (37.9 box / 34.6 mask AP) load whole, their 91 outputs indexed by
+COCO category id cut to the 81 labels here; with --config.num_steps=0 the run only evaluates
+them (COCO AP at step 0, written to <workdir>/metrics.json):
+https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
+
+    python -m segjax.train --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/tv_mrcnn \
+        --config.pretrained=weights/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --config.num_steps=0
 
 torchvision's published result for this recipe (references/detection, 26 epochs on train2017,
 evaluated on val2017): 37.9 box AP, 34.6 mask AP. The recipe: SGD lr 0.02 for 16 images
@@ -16,14 +31,12 @@ What differs here, and why:
   - every image is padded to one 1344 x 1344 canvas (fixed shapes under jit; torchvision pads
     each batch to its largest image), so a step costs more than torchvision's;
   - the labels are segjax.data.coco's contiguous 1..80 (81 classes with the background), where
-    torchvision's head has 91 outputs indexed by COCO category id (a loaded torchvision
-    checkpoint's box/mask predictors would need their rows remapped);
+    torchvision's head has 91 outputs indexed by COCO category id (segjax.pretrained remaps a
+    loaded torchvision checkpoint's box/mask predictor rows);
   - segjax's SGD does not decay biases (torchvision decays every parameter);
   - COCO AP is computed against the annotations the builder stores (mask pixel count as a
     ground truth's area, where the official json has the polygon area: only APs/m/l can move).
-The ImageNet backbone: `--config.pretrained=resnet50.pth` needs segjax.pretrained to place a
-plain ResNet-50 under backbone/body (not wired yet, see docs/instance.md). Not run here (no COCO
-and no GPU in this workspace): nothing below has been measured.
+Not run here (no COCO and no GPU in this workspace): nothing below has been measured.
 """
 
 import jax.numpy as jnp

@@ -257,6 +257,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 checkpoint.save(mngr, step_number, state)
             if stopping:
                 break
+        if last_eval is None and not stop.requested:
+            # Resumed an already finished run, or 0 steps: evaluate what is there, while the
+            # writers are open.
+            last_eval = run_eval(int(state.step))
     finally:
         stop.restore()
         mngr.wait_until_finished()  # never exit with a save half-written
@@ -267,8 +271,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if is_main:
             print(f'stopped at step {int(state.step)}; run the same command to resume', flush=True)
         return {}
-    if last_eval is None:  # resumed an already finished run: evaluate what is there
-        last_eval = run_eval(int(state.step))
     result = {key: value for key, value in last_eval.items() if key != 'counts'}
     if 'ema' in result:
         result['ema'] = {k: v for k, v in result['ema'].items() if k != 'counts'}

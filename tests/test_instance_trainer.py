@@ -176,6 +176,38 @@ def test_resume_from_a_checkpoint_is_exact(setup, builder, tmp_path):
                  jax.device_get(uninterrupted))
 
 
+@pytest.mark.slow  # compiles the Mask R-CNN step twice: minutes on a loaded CPU
+def test_fsdp_step_equals_the_replicated_step_with_ema(builder):
+    # --config.sharding=fsdp and --config.ema_decay through this trainer: every leaf split
+    # (min_bytes=0) gives the replicated update, to float rounding (reduce-scatter order).
+    trainer = make_trainer(tx=optax.sgd(0.01, momentum=0.9), ema_decay=0.9)
+    mesh = mesh_of(jax.devices())
+    host_batch = next(batches(builder))
+    rng = jax.random.key(4)
+    results = {}
+    for mode in ('replicated', 'fsdp'):
+        state = jax.jit(trainer.init)(jax.random.key(0))
+        shardings = sharding.state_shardings(mesh, state, mode, min_bytes=0)
+        state = jax.device_put(state, shardings)
+        step_fn = jax.jit(trainer.step, in_shardings=(shardings, sharding.batch_sharding(mesh),
+                                                      sharding.replicated(mesh)),
+                          out_shardings=(shardings, sharding.replicated(mesh)))
+        for _ in range(2):
+            state, stats = step_fn(state, sharding.to_global(host_batch, mesh), rng)
+        results[mode] = state, stats
+    sharded = results['fsdp'][0]
+    kernels = [x for x in jax.tree.leaves(sharded.params) if x.ndim == 4 and x.shape[-1] % 8 == 0]
+    assert kernels and all(x.sharding.spec != jax.sharding.PartitionSpec() for x in kernels)
+    for key in results['replicated'][1]:
+        np.testing.assert_allclose(results['fsdp'][1][key], results['replicated'][1][key],
+                                   rtol=2e-4, atol=1e-6, err_msg=key)
+    replicated, sharded = jax.device_get(results['replicated'][0]), jax.device_get(sharded)
+    assert jax.tree.leaves(replicated.ema)  # EMA is on: its weights are compared too
+    for tree in ('params', 'opt_state', 'ema'):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     getattr(replicated, tree), getattr(sharded, tree))
+
+
 def test_trainer_rejects_unusable_settings():
     with pytest.raises(config_lib.ConfigError, match='leave config.loss.fn None'):
         instance.trainer(

@@ -1,6 +1,10 @@
 """torchvision detection state dicts (e.g. `maskrcnn_resnet50_fpn`'s) into segjax's instance
 models: the ResNet-FPN backbone (`backbone.body.*`, `backbone.fpn.*`), the RPN head
 (`rpn.head.*`), the RoI heads (`roi_heads.*`) and the whole Mask R-CNN (`load_maskrcnn`).
+`load_into_maskrcnn` is what `segjax.pretrained.load_into` (and so `config.pretrained`) calls
+for a Mask R-CNN: an ImageNet ResNet fills its backbone's ResNet, a torchvision checkpoint the
+whole model, with COCO's 91 category-id outputs cut to segjax.data.coco's 81 labels
+(`select_classes`).
 
 Values convert as in `segjax.pretrained` (OIHW -> HWIO, FrozenBatchNorm2d weight/bias ->
 params scale/bias, running_mean/var -> batch_stats mean/var). Loading is all or nothing: names
@@ -11,12 +15,13 @@ together in one `PretrainedError`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from segjax.pretrained import convert_state_dict
+from segjax import resnet_weights
 from segjax.pth import PretrainedError
+from segjax.resnet_weights import convert_state_dict
 
 _FPN_BLOCK = re.compile(r'fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)')
 
@@ -53,11 +58,14 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def _fill(variables: Mapping, entries: Mapping, unmapped: list[str], what: str,
-          prefix: str) -> dict:
+          prefix: str, *, keep: Iterable[tuple[str, str]] = (),
+          source_name: str = 'the state dict') -> dict:
     """`variables` with every leaf replaced from `entries` ({(collection, module, leaf):
-    (torch name, array)}), or PretrainedError naming every problem."""
+    (torch name, array)}) but those of `keep` ((collection, path) pairs, which keep their
+    values), or PretrainedError naming every problem."""
     targets = {c: _flatten(variables.get(c, {})) for c in ('params', 'batch_stats')}
-    loaded = {c: {} for c in targets}
+    loaded = {c: {p: v for (kc, p) in keep if kc == c and (v := targets[c].get(p)) is not None}
+              for c in targets}
     problems = [f'{name}: maps to no parameter of {what}' for name in unmapped]
     for (collection, module, leaf), (name, value) in entries.items():
         path = f'{module}/{leaf}'
@@ -75,8 +83,8 @@ def _fill(variables: Mapping, entries: Mapping, unmapped: list[str], what: str,
     if problems:
         shown = problems[:50] + ([f'... and {len(problems) - 50} more'] if len(problems) > 50
                                  else [])
-        raise PretrainedError(f'cannot load {what}; nothing was loaded:\n  '
-                              + '\n  '.join(shown))
+        raise PretrainedError(f'cannot load {source_name} into {what}; nothing was loaded:'
+                              '\n  ' + '\n  '.join(shown))
     return {**variables, **{c: _nest(loaded[c]) for c in targets if c in variables}}
 
 
@@ -120,7 +128,9 @@ def load_resnet_fpn(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
     return _fill(variables, entries, unmapped, 'the ResNet-FPN backbone', prefix)
 
 
-_RPN_HEAD = re.compile(r'(conv\.0\.0|cls_logits|bbox_pred)\.(weight|bias)')
+# rpn.head.conv is the layout of files saved before torchvision's RPNHead v2 (the published COCO
+# weights), conv.0.0 the newer one.
+_RPN_HEAD = re.compile(r'(conv\.0\.0|conv|cls_logits|bbox_pred)\.(weight|bias)')
 
 
 def _rpn_head_entries(state_dict: Mapping[str, np.ndarray],
@@ -203,18 +213,157 @@ def load_roi_heads(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
     return _fill(variables, entries, unmapped, 'the RoI heads', prefix)
 
 
-def load_maskrcnn(variables: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:
+def load_maskrcnn(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
+                  skip: Iterable[str] = (), source_name: str = 'the state dict') -> dict:
     """`variables` of a `segjax.instance.maskrcnn.MaskRCNN` from a whole torchvision
     `maskrcnn_resnet50_fpn` state dict (backbone.*, rpn.head.*, roi_heads.*): every entry must
-    map and every parameter must be given, else one PretrainedError lists every problem."""
+    map and every parameter must be given, else one PretrainedError lists every problem.
+    Entries whose names start with a `skip` prefix are left out; the parameters they would
+    fill keep their values (e.g. skip=('roi_heads.box_predictor.',
+    'roi_heads.mask_predictor.mask_fcn_logits.') to train new predictors)."""
+    skip = tuple(skip)
     entries: Entries = {}
     unmapped = [name for name in state_dict
-                if not name.startswith(('backbone.', 'rpn.head.', 'roi_heads.'))]
+                if not name.startswith(('backbone.', 'rpn.head.', 'roi_heads.', *skip))]
     for make, prefix, root in ((_resnet_fpn_entries, 'backbone.', 'backbone/'),
                                (_rpn_head_entries, 'rpn.head.', 'rpn/'),
                                (_roi_heads_entries, 'roi_heads.', '')):
         part, part_unmapped = make(state_dict, prefix)
-        unmapped += part_unmapped
+        unmapped += [name for name in part_unmapped if not name.startswith(skip)]
         entries.update({(c, root + module, leaf): value
                         for (c, module, leaf), value in part.items()})
-    return _fill(variables, entries, unmapped, 'Mask R-CNN', '')
+    kept = {(c, f'{module}/{leaf}') for (c, module, leaf), (name, _) in entries.items()
+            if name.startswith(skip)}
+    entries = {key: value for key, value in entries.items() if not value[0].startswith(skip)}
+    return _fill(variables, entries, unmapped, 'Mask R-CNN', '', keep=kept,
+                 source_name=source_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# `config.pretrained` for a Mask R-CNN (through segjax.pretrained.load_into).
+
+_DETECTION_PREFIXES = ('backbone.body.', 'backbone.fpn.', 'rpn.head.', 'roi_heads.')
+# The class-indexed outputs of torchvision's box and mask predictors: (name, rows per class).
+_CLASS_ROWS = (('roi_heads.box_predictor.cls_score.weight', 1),
+               ('roi_heads.box_predictor.cls_score.bias', 1),
+               ('roi_heads.box_predictor.bbox_pred.weight', 4),  # (dx, dy, dw, dh) per class
+               ('roi_heads.box_predictor.bbox_pred.bias', 4),
+               ('roi_heads.mask_predictor.mask_fcn_logits.weight', 1),
+               ('roi_heads.mask_predictor.mask_fcn_logits.bias', 1))
+_CLASS_SCORE = 'roi_heads.box_predictor.cls_score.weight'
+
+
+def is_torchvision_detection(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """Whether a state dict is a torchvision detection model's (backbone.body.*, rpn.head.*,
+    roi_heads.*, ...), not an ImageNet classifier's or a segmentation model's."""
+    return any(name.startswith(_DETECTION_PREFIXES) for name in state_dict)
+
+
+def has_resnet_fpn_backbone(variables: Mapping) -> bool:
+    """Whether `variables` are a model's whose 'backbone' is a `ResNetFPN` (a MaskRCNN's)."""
+    backbone = variables.get('params', {}).get('backbone', {})
+    return isinstance(backbone, Mapping) and 'body' in backbone and 'fpn' in backbone
+
+
+def select_classes(state_dict: Mapping[str, np.ndarray], classes: Sequence[int]) -> dict:
+    """`state_dict` with its box and mask predictors' outputs cut to `classes`: output k of the
+    result is the file's output classes[k] (cls_score rows, bbox_pred's 4 rows of that class,
+    mask_fcn_logits output channels); every other entry is passed through as it is.
+
+    With classes = (0, *segjax.data.coco.COCO_CATEGORY_IDS), torchvision's 91 outputs indexed
+    by COCO category id become segjax.data.coco's 81 contiguous labels (0 = background).
+    """
+    classes = np.asarray(classes, np.int64)
+    selected = dict(state_dict)
+    for name, per_class in _CLASS_ROWS:
+        if name in selected:
+            rows = (classes[:, None] * per_class + np.arange(per_class)).reshape(-1)
+            selected[name] = np.asarray(selected[name])[rows]
+    return selected
+
+
+def _num_classes(variables: Mapping) -> int | None:
+    kernel = variables.get('params', {}).get('box_predictor', {}).get('cls_score', {}).get(
+        'kernel')
+    return None if kernel is None else int(kernel.shape[-1])
+
+
+def _with_model_classes(variables: Mapping, state_dict: Mapping[str, np.ndarray],
+                        skip: tuple[str, ...], source_name: str) -> Mapping[str, np.ndarray]:
+    """`state_dict` with as many predictor outputs as the model has classes: the same, or
+    COCO's 91 category ids cut to segjax.data.coco's 81 labels; any other count is an error."""
+    model_classes = _num_classes(variables)
+    if (_CLASS_SCORE not in state_dict or _CLASS_SCORE.startswith(skip)
+            or model_classes is None):
+        return state_dict  # load_maskrcnn names what is missing
+    file_classes = int(np.shape(state_dict[_CLASS_SCORE])[0])
+    if file_classes == model_classes:
+        return state_dict
+    # Only here: segjax.data.coco imports tensorflow_datasets, maskrcnn flax.
+    from segjax.data import coco
+    from segjax.instance.maskrcnn import COCO_NUM_CLASSES
+    if (file_classes, model_classes) == (COCO_NUM_CLASSES, coco.NUM_CLASSES):
+        return select_classes(state_dict, (0, *coco.COCO_CATEGORY_IDS))
+    raise PretrainedError(
+        f'cannot load {source_name} into this Mask R-CNN; nothing was loaded: the file\'s box '
+        f'and mask predictors have {file_classes} classes ({_CLASS_SCORE} is '
+        f'{tuple(np.shape(state_dict[_CLASS_SCORE]))}) but the model has {model_classes} '
+        f'(config.data.num_classes). Only {COCO_NUM_CLASSES} '
+        f'(torchvision\'s COCO category ids) -> {coco.NUM_CLASSES} (segjax.data.coco\'s labels) '
+        'is remapped; build the model with the file\'s count, or train new predictors with '
+        "segjax.pretrained.load_into(..., skip=('roi_heads.box_predictor.', "
+        "'roi_heads.mask_predictor.mask_fcn_logits.'))")
+
+
+def _load_resnet_body(variables: Mapping, state_dict: Mapping[str, np.ndarray],
+                      skip: tuple[str, ...], source_name: str) -> dict:
+    """An ImageNet ResNet into the ResNet of the model's ResNetFPN ('backbone/body'), through
+    segjax.resnet_weights' ResNet loader (its checks, its messages); everything else keeps its
+    values."""
+    def body(collection: str) -> dict:
+        return {'backbone': variables.get(collection, {}).get('backbone', {}).get('body', {})}
+
+    try:
+        loaded = resnet_weights.load_resnet_into(
+            {'params': body('params'), 'batch_stats': body('batch_stats')}, state_dict,
+            skip=skip, source_name=source_name)
+    except PretrainedError as error:
+        # That loader saw the ResNet as the model's 'backbone': name the real paths.
+        message = re.sub(r'\b(params|batch_stats)/backbone/', r'\1/backbone/body/', str(error))
+        raise PretrainedError(message.replace(
+            'into this model;', "into this Mask R-CNN's ResNet (backbone/body);", 1)) from None
+    out = dict(variables)
+    for collection in ('params', 'batch_stats'):
+        if collection in variables:
+            backbone = variables[collection]['backbone']
+            out[collection] = {**variables[collection], 'backbone': {
+                **backbone, 'body': loaded[collection]['backbone']}}
+    return out
+
+
+def load_into_maskrcnn(variables: Mapping, state_dict: Mapping[str, np.ndarray], *,
+                       skip: Iterable[str] = (), source_name: str = 'the state dict') -> dict:
+    """`variables` of a `segjax.instance.maskrcnn.MaskRCNN` with a state dict's weights:
+
+      * an ImageNet ResNet (torchvision's `resnet50`: conv1.*, bn1.*, layer1-4.*, fc.*) fills
+        the ResNet of the backbone ('backbone/body'; `fc.*` left out); the FPN, RPN and RoI
+        heads keep their values. The start of torchvision's COCO recipe.
+      * a torchvision Mask R-CNN checkpoint (backbone.body.*, backbone.fpn.*, rpn.head.*,
+        roi_heads.*) fills the whole model (`load_maskrcnn`). torchvision's COCO weights have
+        91 outputs indexed by COCO category id: into an 81-class model (segjax.data.coco's
+        labels) they are cut and reordered by `select_classes`; any other class-count mismatch
+        is an error naming both counts.
+    `skip`: name prefixes to leave out, as in `segjax.pretrained.load_into`. All or nothing:
+    one PretrainedError names the file and every problem. Returns new variables.
+    """
+    skip = tuple(skip)
+    if not has_resnet_fpn_backbone(variables):
+        raise PretrainedError(
+            f'cannot load {source_name} into this model: it is a torchvision detection '
+            f'checkpoint ({", ".join(p + "*" for p in _DETECTION_PREFIXES)}), which loads into '
+            'a segjax.instance.maskrcnn.MaskRCNN, and this model has no ResNet-FPN backbone '
+            '(params/backbone/body and params/backbone/fpn)')
+    if not is_torchvision_detection(state_dict):
+        return _load_resnet_body(variables, state_dict, skip, source_name)
+    state_dict = _with_model_classes(variables, state_dict, skip, source_name)
+    return load_maskrcnn(variables, state_dict, skip=skip, source_name=source_name)
