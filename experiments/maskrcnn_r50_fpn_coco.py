@@ -13,12 +13,11 @@ backbone's ResNet (backbone/body) with it (its `fc.*` left out); the FPN and the
 heads start from their initialisation, as torchvision's.
 
 torchvision's own COCO weights (37.9 box / 34.6 mask AP) load whole, their 91 outputs indexed by
-COCO category id cut to the 81 labels here; with --config.num_steps=0 the run only evaluates
-them (COCO AP at step 0, written to <workdir>/metrics.json):
-https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
+COCO category id cut to the 81 labels here; segjax.evaluate on a workdir without checkpoints
+evaluates them: https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
 
-    python -m segjax.train --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/tv_mrcnn \
-        --config.pretrained=weights/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --config.num_steps=0
+    python -m segjax.evaluate --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/tv_mrcnn \
+        --config.pretrained=weights/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
 
 torchvision's published result for this recipe (references/detection, 26 epochs on train2017,
 evaluated on val2017): 37.9 box AP, 34.6 mask AP. The recipe: SGD lr 0.02 for 16 images

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import cli, experiment, logs, metrics, optim, sharding, step, visualize
+from segjax import cli, experiment, logs, metrics, optim, pretrained, sharding, step, visualize
 from segjax import config as config_lib
 from segjax.data import pipeline, prepare
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str]) -> dict:
     mesh = sharding.make_mesh()
     try:
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, pretrained.PretrainedError) as e:
         parser.exit(1, f'segjax.evaluate: error: {e}\n')
     try:
         builder = experiment.dataset_builder(config)

@@ -20,11 +20,13 @@ from segjax import (
     checkpoint,
     logs,  # noqa: F401  (before pipeline loads TensorFlow: the CLIs stay quiet)
     optim,
+    pretrained,
     quantization,
     sharding,
     trainers,
 )
 from segjax import config as config_lib
+from segjax import step as step_lib
 from segjax.data import pipeline, prepare
 from segjax.visualize import default_palette
 
@@ -174,17 +176,39 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, 'checkpoints')
 
 
+def load_pretrained(state: step_lib.TrainState, path: str) -> step_lib.TrainState:
+    """The initial state with published weights loaded into it, on the same shardings."""
+    if not os.path.isfile(path):
+        raise pretrained.PretrainedError(
+            f'config.pretrained={path!r} is not a file (a .pth or .safetensors state dict)')
+    loaded = pretrained.load_into(
+        {'params': state.params, 'batch_stats': state.batch_stats}, path)
+    params, batch_stats = jax.device_put(
+        (loaded['params'], loaded['batch_stats']),
+        jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats)))
+    ema = {'params': params, 'batch_stats': batch_stats} if state.ema else {}
+    return state.replace(params=params, batch_stats=batch_stats, ema=ema)
+
+
 def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_number=None):
-    """The model and the checkpointed state at `step_number` (default latest); errors if none."""
+    """The model and the checkpointed state at `step_number` (default latest); errors if none.
+
+    A workdir without checkpoints and a `config.pretrained` file give the initial state with
+    that file's weights: published weights are evaluated or applied without training.
+    """
     model = make_model(config)
     tx, _ = optim.make(config)
     # The checkpoint's own layout does not matter: it is read onto config.sharding's on `mesh`.
-    _, abstract = initial_state(make_trainer(config, model, tx), mesh, config)
+    init, abstract = initial_state(make_trainer(config, model, tx), mesh, config)
     directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory) and config.pretrained and step_number is None:
+        state = init(jax.random.key(config.seed))
+        return model, load_pretrained(state, config.pretrained)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f'no checkpoints in workdir {workdir!r} (expected {directory}); train first with '
-            f'python -m segjax.train --config <experiment> --workdir {workdir}')
+            f'python -m segjax.train --config <experiment> --workdir {workdir}, or give '
+            '--config.pretrained=<weights file> to use published weights')
     mngr = checkpoint.manager(directory, read_only=True)
     state = checkpoint.restore(mngr, abstract, step_number)
     mngr.close()

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segjax import cli, experiment, sharding, step, visualize
+from segjax import cli, experiment, pretrained, sharding, step, visualize
 from segjax.instance import inference as instance_inference
 from segjax.instance import visualize as instance_visualize
 from segjax.instance.maskrcnn import MaskRCNN
@@ -133,7 +133,7 @@ def main(argv: Sequence[str]) -> list[str]:
         images = [read_rgb(p) for p in paths]  # fail on a bad file before any model work
         mesh = sharding.make_mesh()
         model, state = experiment.restore_state(config, args.workdir, mesh, args.step)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError, pretrained.PretrainedError) as e:
         parser.exit(1, f'segjax.predict: error: {e}\n')
     if isinstance(model, MaskRCNN):
         try:  # stricter than read_rgb: no alpha channel, no 16-bit pixels

@@ -80,20 +80,6 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def load_pretrained(state: step.TrainState, path: str) -> step.TrainState:
-    """The initial state with published weights loaded into it, on the same shardings."""
-    if not os.path.isfile(path):
-        raise pretrained.PretrainedError(
-            f'config.pretrained={path!r} is not a file (a .pth or .safetensors state dict)')
-    loaded = pretrained.load_into(
-        {'params': state.params, 'batch_stats': state.batch_stats}, path)
-    params, batch_stats = jax.device_put(
-        (loaded['params'], loaded['batch_stats']),
-        jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats)))
-    ema = {'params': params, 'batch_stats': batch_stats} if state.ema else {}
-    return state.replace(params=params, batch_stats=batch_stats, ema=ema)
-
-
 def weights_memory(state: step.TrainState, mode: str) -> str:
     """'<MiB> MiB params + optimizer state per device (<mode>[; <MiB> MiB in all])', measured on
     the arrays' shards on this process's devices (the whole named where a device holds less)."""
@@ -146,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if state is None:
         state = init(init_rng)
         if config.pretrained:
-            state = load_pretrained(state, config.pretrained)
+            state = experiment.load_pretrained(state, config.pretrained)
     first_step = int(state.step)
     if is_main:
         num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -329,18 +329,13 @@ def test_config_pretrained_in_train_runs(tv, tmp_path, e2e_data):
     metrics = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     assert metrics['step'] == 0 and {'bbox/AP', 'segm/AP'} <= set(metrics)
 
-    # docs/instance.md: one step at lr 0 saves the file's weights unchanged, for segjax.evaluate.
-    run_cli('segjax.train', '--config', EXPERIMENT, '--workdir', tmp_path / 'ckpt', *overrides,
-            '--config.num_steps=1', '--config.optimizer.lr=0', f'--config.pretrained={detector}')
-    saved = restored_state(EXPERIMENT, tmp_path / 'ckpt',
-                           [*overrides, '--config.num_steps=1', '--config.optimizer.lr=0'])
-    expected = flat(pretrained.load_into(
-        {'params': saved.params, 'batch_stats': saved.batch_stats}, detector))
-    got = flat({'params': saved.params, 'batch_stats': saved.batch_stats})
-    for path_, value in expected.items():
-        np.testing.assert_array_equal(got[path_], value, err_msg=path_)
-    run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', tmp_path / 'ckpt',
-            *overrides, '--config.num_steps=1', '--config.optimizer.lr=0')
-    evaluated = json.loads((tmp_path / 'ckpt' / 'eval' / 'metrics.json').read_text())
+    # segjax.evaluate on a workdir without checkpoints evaluates config.pretrained directly.
+    run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', tmp_path / 'direct',
+            *overrides, f'--config.pretrained={detector}')
+    evaluated = json.loads((tmp_path / 'direct' / 'eval' / 'metrics.json').read_text())
     for key in ('bbox/AP', 'bbox/AP50', 'segm/AP', 'segm/AP50'):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-9), key
+    # Without either: one line saying what to give.
+    run = run_cli('segjax.evaluate', '--config', EXPERIMENT, '--workdir', tmp_path / 'empty',
+                  *overrides, check=False)
+    assert run.returncode == 1 and '--config.pretrained=<weights file>' in run.stderr

@@ -341,6 +341,12 @@ def test_config_pretrained_loads_the_backbone_of_a_training_run(tmp_path, e2e_da
     for got, want in zip(jax.tree.leaves(state.params['backbone']),
                          jax.tree.leaves(weights['params']['backbone']), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
+    # A workdir without checkpoints: segjax.evaluate / predict's state is the file's weights.
+    _, direct = experiment.restore_state(config, str(tmp_path / 'empty'), sharding.make_mesh())
+    assert int(direct.step) == 0
+    for got, want in zip(jax.tree.leaves(direct.params['backbone']),
+                         jax.tree.leaves(weights['params']['backbone']), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
     missing = run_cli('segjax.train', '--config', experiment_file, '--workdir', tmp_path / 'x',
                       *overrides[:-1], f'--config.pretrained={tmp_path / "nope.pth"}',
                       check=False)
