@@ -16,8 +16,8 @@ torchvision's own COCO weights (37.9 box / 34.6 mask AP) load whole, their 91 ou
 COCO category id cut to the 81 labels here; segjax.evaluate on a workdir without checkpoints
 evaluates them: https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
 
-    python -m segjax.evaluate --config experiments/maskrcnn_r50_fpn_coco.py --workdir runs/tv_mrcnn \
-        --config.pretrained=weights/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
+    python -m segjax.evaluate --config experiments/maskrcnn_r50_fpn_coco.py \
+        --workdir runs/tv_mrcnn --config.pretrained=weights/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
 
 torchvision's published result for this recipe (references/detection, 26 epochs on train2017,
 evaluated on val2017): 37.9 box AP, 34.6 mask AP. The recipe: SGD lr 0.02 for 16 images

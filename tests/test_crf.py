@@ -12,7 +12,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.test_util import check_grads
 
 from segjax import crf
-from segjax.crf import gaussian
 
 HEIGHT, WIDTH, CLASSES = 24, 32, 4
 # Kernels that vary over a 24x32 image (DeepLab's theta_alpha=121 is flat at this size).
@@ -78,10 +77,7 @@ def _relative_error(approx, exact):
 # Filters
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('fft', [False, True])
-def test_smoothness_filter_is_exact(fft, monkeypatch):
-    if fft:  # large images take the FFT path; force it here
-        monkeypatch.setattr(gaussian, '_FFT_MIN_PIXELS', 1)
+def test_smoothness_filter_is_exact():
     values = np.random.default_rng(1).uniform(size=(2, HEIGHT, WIDTH, 3)).astype(np.float32)
     rows, cols = np.mgrid[:HEIGHT, :WIDTH]
     pos = np.stack([rows, cols], -1).reshape(-1, 2) / 3.0
