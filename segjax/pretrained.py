@@ -44,7 +44,9 @@ from segjax.resnet_weights import (  # noqa: F401  (re-exported: the ResNet half
     _replace,
     _translate,
     convert_state_dict,
+    load_problems,
     load_resnet_into,
+    problem_lines,
     segjax_to_torch_name,
     torch_to_segjax_name,
 )
@@ -242,12 +244,7 @@ def load_segformer_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
                      f'{_describe_mit(model_mit)}: build the model with hidden_sizes='
                      f'{file_mit[0]}, depths={file_mit[1]} (e.g. segformer.SegFormerB0..B5) '
                      'or use weights of its size')
-    for title, items in problems:
-        if items:
-            lines.append(f'  {title}:')
-            lines.extend(f'    {item}' for item in items[:50])
-            if len(items) > 50:
-                lines.append(f'    ... and {len(items) - 50} more')
+    lines += problem_lines(problems)
     if any(item.startswith('decode_head.classifier.') for item in mismatched):
         lines.append("  (another number of classes: to train a new classifier, leave the file's "
                      "out with skip=('decode_head.classifier.',))")
@@ -425,12 +422,7 @@ def load_vit_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
             loaded[prefix + path] = value
     missing = [f'params/{prefix}{p} {tuple(v.shape)}' for p, v in targets.items()
                if p not in covered]
-    problems = [(f'{len(unmapped)} names in the file map to no segjax parameter', unmapped),
-                (f'{len(not_in_model)} names map to parameters this model does not have',
-                 not_in_model),
-                (f'{len(mismatched)} shapes differ (file, converted to flax layout -> model)',
-                 mismatched),
-                (f'{len(missing)} model parameters are not in the file', missing)]
+    problems = load_problems(unmapped, not_in_model, mismatched, missing)
     if not any(items for _, items in problems):
         return {**variables, 'params': _replace(variables['params'], loaded)}
     lines = [f'cannot load {source_name} (a transformers ViT/DINOv2) into this model; nothing '
@@ -440,10 +432,5 @@ def load_vit_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
         lines.append(f'  the file holds {_describe_vit(file_shapes)} but the model\'s encoder '
                      f'is {_describe_vit(model_shapes)}: build it with the matching vit.* '
                      'variant (e.g. vit.ViTB16, vit.DINOv2S14, vit.DINOv2B14Reg)')
-    for title, items in problems:
-        if items:
-            lines.append(f'  {title}:')
-            lines.extend(f'    {item}' for item in items[:50])
-            if len(items) > 50:
-                lines.append(f'    ... and {len(items) - 50} more')
+    lines += problem_lines(problems)
     raise PretrainedError('\n'.join(lines))

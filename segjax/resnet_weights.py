@@ -154,6 +154,29 @@ def _replace(tree: Mapping, values: Mapping[str, np.ndarray], prefix: str = '') 
             for key, value in tree.items()}
 
 
+def load_problems(unmapped: list[str], not_in_model: list[str], mismatched: list[str],
+                  missing: list[str]) -> list[tuple[str, list[str]]]:
+    """The four kinds of problem every all-or-nothing loader reports, titled with their counts."""
+    return [(f'{len(unmapped)} names in the file map to no segjax parameter', unmapped),
+            (f'{len(not_in_model)} names map to parameters this model does not have',
+             not_in_model),
+            (f'{len(mismatched)} shapes differ (file, converted to flax layout -> model)',
+             mismatched),
+            (f'{len(missing)} model parameters are not in the file', missing)]
+
+
+def problem_lines(problems: list[tuple[str, list[str]]], shown: int = 50) -> list[str]:
+    """The error message's lines for `load_problems`: each non-empty kind, its first `shown`."""
+    lines = []
+    for title, items in problems:
+        if items:
+            lines.append(f'  {title}:')
+            lines.extend(f'    {item}' for item in items[:shown])
+            if len(items) > shown:
+                lines.append(f'    ... and {len(items) - shown} more')
+    return lines
+
+
 def load_resnet_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
                      skip: Iterable[str] = (), source_name: str = 'the state dict') -> dict:
     """`variables` with an ImageNet ResNet's or a torchvision segmentation checkpoint's
@@ -191,12 +214,7 @@ def load_resnet_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
                if scope(p) and (c, p) not in covered]
     if not any(loaded.values()) and not (unmapped or not_in_model or mismatched or missing):
         missing.append('(the model has no ResNet "backbone" for these weights)')
-    problems = [(f'{len(unmapped)} names in the file map to no segjax parameter', unmapped),
-                (f'{len(not_in_model)} names map to parameters this model does not have',
-                 not_in_model),
-                (f'{len(mismatched)} shapes differ (file, converted to flax layout -> model)',
-                 mismatched),
-                (f'{len(missing)} model parameters are not in the file', missing)]
+    problems = load_problems(unmapped, not_in_model, mismatched, missing)
     if not any(items for _, items in problems):
         return {**variables, **{c: _replace(variables[c], loaded[c]) for c in targets
                                 if c in variables}}
@@ -212,12 +230,7 @@ def load_resnet_into(variables: Mapping, state: Mapping[str, np.ndarray], *,
                      f'depth={_resnet_depth(blocks, bottleneck)}, base_width={width}, '
                      f'deep_stem={deep_stem} (or use weights of its architecture)')
     shown = 5 if backbone_differs else 50
-    for title, items in problems:
-        if items:
-            lines.append(f'  {title}:')
-            lines.extend(f'    {item}' for item in items[:shown])
-            if len(items) > shown:
-                lines.append(f'    ... and {len(items) - shown} more')
+    lines += problem_lines(problems, shown)
     if any(item.startswith('aux_classifier.') for item in not_in_model):
         lines.append("  (build the model with aux_head=True or pass skip=('aux_classifier.',))")
     if not backbone_differs and any(not p.startswith('backbone/') for p in mismatched_paths):

@@ -21,7 +21,7 @@ import numpy as np
 
 from segjax import resnet_weights
 from segjax.pth import PretrainedError
-from segjax.resnet_weights import convert_state_dict
+from segjax.resnet_weights import _flatten, convert_state_dict
 
 _FPN_BLOCK = re.compile(r'fpn\.(inner|layer)_blocks\.(\d+)\.0\.(weight|bias)')
 
@@ -34,16 +34,6 @@ def _fpn_entry(name: str, value: np.ndarray) -> tuple[tuple[str, str, str], np.n
     if leaf == 'weight':
         return ('params', f'fpn/{kind}{index}', 'kernel'), value.transpose(2, 3, 1, 0)
     return ('params', f'fpn/{kind}{index}', 'bias'), value
-
-
-def _flatten(tree: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}/'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> dict:
