@@ -166,6 +166,20 @@ def markdown(rows: list[dict], header: str) -> str:
     return '\n'.join(lines)
 
 
+def write_rows(out: str, title: str, rows: list[dict], to_markdown) -> None:
+    """rows to out.json and, as `to_markdown(rows, header)`, to out.md and stdout; the header
+    names the machine, its load at the end and the command line."""
+    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
+               f'load average {os.getloadavg()[0]:.1f} at the end; jax {jax.__version__}')
+    header = (f'## {title}, measured {time.strftime("%Y-%m-%d")} ({machine})\n\n'
+              f'`{" ".join([os.path.basename(sys.executable), *sys.argv])}`')
+    with open(out + '.json', 'w') as f:
+        json.dump({'machine': machine, 'rows': rows}, f, indent=2)
+    with open(out + '.md', 'w') as f:
+        f.write(to_markdown(rows, header) + '\n')
+    print(to_markdown(rows, header))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--unet', required=True, help='workdir of unet_synthetic')
@@ -183,15 +197,7 @@ def main() -> None:
         rows += measure_model('unet', args.unet, args.unet_overrides, scratch, args.repeats)
         rows += measure_model('deeplabv3plus', args.deeplab, args.deeplab_overrides, scratch,
                               args.repeats)
-    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
-               f'load average {os.getloadavg()[0]:.1f} at the end; jax {jax.__version__}')
-    header = (f'## segjax.export, measured {time.strftime("%Y-%m-%d")} ({machine})\n\n'
-              f'`{" ".join([os.path.basename(sys.executable), *sys.argv])}`')
-    with open(args.out + '.json', 'w') as f:
-        json.dump({'machine': machine, 'rows': rows}, f, indent=2)
-    with open(args.out + '.md', 'w') as f:
-        f.write(markdown(rows, header) + '\n')
-    print(markdown(rows, header))
+    write_rows(args.out, 'segjax.export', rows, markdown)
 
 
 if __name__ == '__main__':

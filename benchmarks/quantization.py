@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-
-import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from export import (  # noqa: E402  (benchmarks/export.py, next to this file)
@@ -42,6 +39,7 @@ from export import (  # noqa: E402  (benchmarks/export.py, next to this file)
     size_bytes,
     validation_split,
     write_artefact,
+    write_rows,
 )
 
 from segjax import config as config_lib  # noqa: E402
@@ -160,15 +158,7 @@ def main() -> None:
         for name, workdirs in (('unet', args.unet), ('deeplabv3plus', args.deeplab)):
             rows += measure_model(name, *workdirs, args.calibration, scratch,
                                   tuple(args.float_ops))
-    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
-               f'load average {os.getloadavg()[0]:.1f} at the end; jax {jax.__version__}')
-    header = (f'## int8 quantization, measured {time.strftime("%Y-%m-%d")} ({machine})\n\n'
-              f'`{" ".join([os.path.basename(sys.executable), *sys.argv])}`')
-    with open(args.out + '.json', 'w') as f:
-        json.dump({'machine': machine, 'rows': rows}, f, indent=2)
-    with open(args.out + '.md', 'w') as f:
-        f.write(markdown(rows, header) + '\n')
-    print(markdown(rows, header))
+    write_rows(args.out, 'int8 quantization', rows, markdown)
 
 
 if __name__ == '__main__':
