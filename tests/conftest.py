@@ -27,6 +27,21 @@ os.environ['XLA_FLAGS'] = sharding.with_cpu_xla_flags(os.environ['XLA_FLAGS'])
 
 
 
+@pytest.fixture
+def default_log_state(monkeypatch):
+    """segjax.logs.quiet() (every CLI calls it) changes process-wide settings; restore them
+    after the test."""
+    import logging
+
+    import tensorflow_datasets as tfds
+
+    from segjax import logs
+    monkeypatch.setattr(logs, '_state', {'quiet': False, 'verbose': False})
+    yield
+    logging.getLogger('absl').removeFilter(logs._FILTER)
+    tfds.display_progress_bar(True)
+
+
 @pytest.fixture(scope='session')
 def e2e_data(tmp_path_factory):
     """A TFDS data_dir shared by the command-line tests (the smoke data builds once)."""

@@ -2,7 +2,6 @@
 training pipeline's) images and labels pixel for pixel, the legend the classes present, and bad
 input is a clear error."""
 
-import logging
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from segjax import browse, logs, visualize
+from segjax import browse, visualize
 from segjax.data import synthetic
 
 EXPERIMENT = 'experiments/unet_synthetic.py'
@@ -29,12 +28,9 @@ def smoke_overrides(data_dir, **extra):
 
 
 @pytest.fixture
-def browse_main(monkeypatch):
-    """browse.main in this process; quiet() changes process-wide settings, restored after."""
-    monkeypatch.setattr(logs, '_state', {'quiet': False, 'verbose': False})
-    yield browse.main
-    logging.getLogger('absl').removeFilter(logs._FILTER)
-    tfds.display_progress_bar(True)
+def browse_main(default_log_state):
+    """browse.main in this process (quiet() changes process-wide settings, restored after)."""
+    return browse.main
 
 
 @pytest.fixture(scope='module')

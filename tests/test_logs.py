@@ -35,15 +35,6 @@ def run(module, *args, env=None):
     return result.stdout + result.stderr
 
 
-@pytest.fixture
-def default_log_state(monkeypatch):
-    """quiet() changes process-wide settings; restore them after the test."""
-    monkeypatch.setattr(logs, '_state', {'quiet': False, 'verbose': False})
-    yield
-    logging.getLogger('absl').removeFilter(logs._FILTER)
-    tfds.display_progress_bar(True)
-
-
 # ----------------------------------------------------------------------------------------------
 # The pieces.
 

@@ -2,7 +2,6 @@
 and reuse it; all of them read the same data. And the prepare command (prepare.cli)."""
 
 import fcntl
-import logging
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from segjax import logs
 from segjax.data import prepare, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,16 +136,7 @@ def test_failure_is_one_line_and_stale_incomplete_dirs_go(tmp_path):
 # The prepare command every builder's `main` is (prepare.cli).
 
 
-@pytest.fixture
-def cli_log_state(monkeypatch):
-    """cli calls logs.quiet(), which changes process-wide settings; restore them after."""
-    monkeypatch.setattr(logs, '_state', {'quiet': False, 'verbose': False})
-    yield
-    logging.getLogger('absl').removeFilter(logs._FILTER)
-    tfds.display_progress_bar(True)
-
-
-def test_cli_prepares_then_prints_splits_report_and_where(tmp_path, capsys, cli_log_state):
+def test_cli_prepares_then_prints_splits_report_and_where(tmp_path, capsys, default_log_state):
     seen = []
 
     def make_builder(args):
@@ -170,7 +159,7 @@ def test_cli_prepares_then_prints_splits_report_and_where(tmp_path, capsys, cli_
     assert set(seen) == {('tiny', 'm')}
 
 
-def test_cli_failure_is_one_line_and_exit_code_1(tmp_path, capsys, cli_log_state):
+def test_cli_failure_is_one_line_and_exit_code_1(tmp_path, capsys, default_log_state):
     def make_builder(args):
         raise prepare.PrepareError(f'{args.data_dir}/x.zip is truncated; download it again')
 
