@@ -90,6 +90,20 @@ def test_prepare_images_resizes_normalises_and_pads():
         inference.prepare_images(images, min_size=64, max_size=80, canvas=(100, 96))
 
 
+@pytest.mark.parametrize('shape', [(40, 30), (20, 50), (64, 64), (427, 640), (7, 9)])
+def test_evaluation_sees_the_input_predict_sees(shape):
+    """segjax.evaluate's tf input (evaluation.model_inputs) equals segjax.predict's numpy one
+    (prepare_images, torchvision's resize): no uint8 rounding between resize and normalise."""
+    from segjax.instance import evaluation
+
+    image = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), np.uint8)
+    options = {'min_size': 64, 'max_size': 96, 'mean': (10, 20, 30), 'std': (2, 4, 8)}
+    prepared = inference.prepare_images([image], canvas=(96, 96), **options)
+    evaluated = evaluation.model_inputs(image, height=96, width=96, **options)
+    np.testing.assert_array_equal(evaluated['image_size'].numpy(), prepared.image_sizes[0])
+    np.testing.assert_allclose(evaluated['image'].numpy(), prepared.images[0], atol=2e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input.
 

@@ -1,10 +1,11 @@
 """COCO box and mask AP of a Mask R-CNN state over a whole split, streamed batch by batch.
 
-Each example of the split is resized as in training (`instance_transforms.resize_min_max`),
-normalised and zero-padded to one (height, width), run through the jitted eval forward in
-batches (the last one padded with invalid rows), and its detections are scaled back and their
-28x28 mask probabilities pasted at the ORIGINAL image size, where they meet the example's own
-annotations in `coco_eval.CocoEvaluator` (pycocotools). Only RLEs are kept between batches.
+Each example of the split is resized to training's size (`instance_transforms.resized_size`)
+in float, as `segjax.predict` and torchvision do, normalised and zero-padded to one (height,
+width), run through the jitted eval forward in batches (the last one padded with invalid
+rows); its detections are scaled back and their 28x28 mask probabilities pasted at the
+ORIGINAL image size, where they meet the example's own annotations in
+`coco_eval.CocoEvaluator` (pycocotools). Only RLEs are kept between batches.
 
     metrics = coco_metrics_over_split(state, builder, config, mesh, model=model,
                                       min_size=64, max_size=64)
@@ -32,7 +33,7 @@ OUTPUT_KEYS = ('boxes', 'scores', 'labels', 'valid', 'mask_probs')
 
 
 def normalise(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """uint8 [..., 3] -> float32 (image - mean) / std, the mean/std on the 0..255 scale."""
+    """uint8 or float [..., 3] -> float32 (image - mean) / std, the mean/std on the 0..255 scale."""
     return (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
         std, tf.float32)
 
@@ -43,8 +44,8 @@ def model_inputs(image: tf.Tensor, *, min_size: int, max_size: int, height: int,
     zero-padded bottom/right; 'image_size' int32 [2] its size before padding}."""
     size = instance_transforms.resized_size(tf.shape(image)[:2], min_size=min_size,
                                             max_size=max_size)
+    # In float, not rounded back to uint8: the same input as segjax.predict and torchvision.
     resized = tf.image.resize(image, size, method='bilinear')
-    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
     check = tf.debugging.assert_less_equal(
         size, tf.constant([height, width]),
         message=f'a resized eval image is larger than the pad size ({height}, {width}) '
