@@ -4,9 +4,9 @@ CRF weights.
 
     python benchmarks/crf_rnn.py --steps 100 --seed 0 --workdir runs/crf_rnn_benchmark \
         --config.schedule.warmup_steps=20
-    # + CRF-as-RNN fine-tuned from a U-Net trained 1500 steps (not run yet: too slow here)
+    # + CRF-as-RNN fine-tuned from a U-Net trained 1500 steps, and its no-CRF control
     python benchmarks/crf_rnn.py --steps 100 --workdir runs/crf_rnn_benchmark \
-        --finetune_base_steps 1500 --finetune_steps 100 --config.schedule.warmup_steps=20
+        --finetune_base_steps 1500 --finetune_steps 200 --config.schedule.warmup_steps=20
 
 Each training is an ordinary `python -m segjax.train` (a finished one is not re-run, so the
 command resumes a partial study); the U-Net is unet_synthetic's at --base_width / --depth:
@@ -20,8 +20,9 @@ command resumes a partial study); the U-Net is unet_synthetic's at --base_width 
              inner U-Net alone (the CRF taken off).
   unet_base  with --finetune_base_steps > 0: the same U-Net trained that many steps, evaluated
              as `unet` is; the start of `finetuned` (else `unet` is).
-  finetuned  the same CRF-as-RNN initialised from that U-Net's trained weights (the CRF's at
-             their initial values, a fresh optimizer), then --finetune_steps more steps at
+  finetuned  the same CRF-as-RNN initialised from that U-Net's trained weights
+             (--config.pretrained=<its workdir>: the CRF's at their initial values, a fresh
+             optimizer), then --finetune_steps more steps at
              --finetune_lr without warm-up (Zheng et al. fine-tuned a trained FCN so); skipped
              at 0.
 
@@ -40,7 +41,6 @@ import time
 
 from common import (
     ROOT,
-    initial_train_state,
     load_average,
     load_config,
     machine_summary,
@@ -51,11 +51,12 @@ from common import (
 
 UNET = 'experiments/unet_synthetic.py'
 CRF_RNN = 'experiments/crf_rnn_unet_synthetic.py'
+PLAIN_UNETS = ('unet', 'unet_base', 'finetuned_plain')
 
 
 def run_overrides(name: str, args) -> list[str]:
     """The --config.* overrides of run `name` (unet, crf_rnn or finetuned)."""
-    if name in ('unet', 'unet_base'):
+    if name in PLAIN_UNETS:
         model = [f'--config.model.base_width={args.base_width}',
                  f'--config.model.depth={args.depth}']
     else:
@@ -64,17 +65,19 @@ def run_overrides(name: str, args) -> list[str]:
     steps = [f'--config.num_steps={args.steps}']
     if name == 'unet_base':
         steps = [f'--config.num_steps={args.finetune_base_steps}']
-    if name == 'finetuned':
-        # Warm-up is for a network starting from random weights; this one starts trained.
+    if name in ('finetuned', 'finetuned_plain'):
+        # Warm-up is for a network starting from random weights; this one starts trained (its
+        # U-Net from finetune_base's workdir: the whole model, or CRF-as-RNN's inner).
         steps = [f'--config.num_steps={args.finetune_steps}', f'--config.optimizer.lr='
-                 f'{args.finetune_lr}', '--config.schedule.warmup_steps=0']
+                 f'{args.finetune_lr}', '--config.schedule.warmup_steps=0',
+                 f'--config.pretrained={os.path.join(args.workdir, finetune_base(args))}']
     # The run's own overrides last, so that they win over the shared ones.
     return [*args.overrides, *model, f'--config.seed={args.seed}', '--config.eval_every=0',
             '--config.checkpoint_every=100000', *steps]
 
 
 def experiment_of(name: str) -> str:
-    return UNET if name in ('unet', 'unet_base') else CRF_RNN
+    return UNET if name in PLAIN_UNETS else CRF_RNN
 
 
 def finetune_base(args) -> str:
@@ -91,38 +94,6 @@ def train(name: str, args) -> dict:
         '--compilation_cache', args.compilation_cache, *run_overrides(name, args)])
     return {'miou': metrics['miou'], 'boundary_miou': metrics['boundary_miou'],
             'train_wall_s': metrics['wall_seconds_this_run']}
-
-
-def write_finetune_start(args) -> None:
-    """A step-0 checkpoint in <workdir>/finetuned: a fresh CRF-as-RNN state whose inner U-Net
-    holds finetune_base's trained weights; segjax.train then resumes from it."""
-    import jax
-
-    from segjax import checkpoint, experiment, sharding
-
-    workdir = os.path.join(args.workdir, 'finetuned')
-    if os.path.isdir(experiment.checkpoint_dir(workdir)):
-        return
-    mesh = sharding.make_mesh()
-    config = config_of('finetuned', args)
-    _, init, _ = initial_train_state(config, mesh)
-    state = init(jax.random.split(jax.random.key(config.seed))[0])
-    base = finetune_base(args)
-    _, trained = experiment.restore_state(config_of(base, args),
-                                          os.path.join(args.workdir, base), mesh)
-    if jax.tree.structure(state.params['inner']) != jax.tree.structure(trained.params):
-        raise ValueError(f'finetuned: the CRF-as-RNN inner U-Net and the trained {base} differ in '
-                         f'structure; expected the same --base_width {args.base_width} and '
-                         f'--depth {args.depth}')
-    params = {**state.params, 'inner': trained.params}
-    batch_stats = {**state.batch_stats, 'inner': trained.batch_stats}
-    state = state.replace(params=jax.device_put(params, jax.tree.map(
-        lambda x: x.sharding, state.params)), batch_stats=jax.device_put(
-        batch_stats, jax.tree.map(lambda x: x.sharding, state.batch_stats)))
-    mngr = checkpoint.manager(experiment.checkpoint_dir(workdir))
-    checkpoint.save(mngr, 0, state)
-    mngr.wait_until_finished()
-    mngr.close()
 
 
 def evaluate(name: str, args, tag: str, *extra: str) -> dict:
@@ -206,6 +177,9 @@ def table(results: dict, args) -> str:
     if 'unet_base' in results:
         rows += unet_rows(f'unet_base ({args.finetune_base_steps} steps)', results['unet_base'],
                           args)
+    if 'finetuned_plain' in results:
+        rows += unet_rows(f'finetuned_plain ({finetune_base(args)} + {args.finetune_steps} '
+                          'steps, no CRF)', results['finetuned_plain'], args)
     if 'finetuned' in results:
         tuned = results['finetuned']
         name = f'finetuned ({finetune_base(args)} + {args.finetune_steps} steps)'
@@ -266,12 +240,10 @@ def main() -> None:
     sharding.configure_runtime(args.compilation_cache)  # before any JAX computation
     start, load_start = time.time(), load_average()
     unets = ['unet'] + (['unet_base'] if args.finetune_steps and args.finetune_base_steps
-                        else [])
+                        else []) + (['finetuned_plain'] if args.finetune_steps else [])
     rnns = ['crf_rnn'] + (['finetuned'] if args.finetune_steps else [])
     results = {}
     for name in unets + rnns:
-        if name == 'finetuned':
-            write_finetune_start(args)
         results[name] = train(name, args)
     for name in unets:
         results[name]['posthoc_default'] = evaluate(

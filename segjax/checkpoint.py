@@ -48,3 +48,22 @@ def abstract_with_shardings(abstract_state, shardings):
     """Attaches shardings to a pytree of ShapeDtypeStructs (from jax.eval_shape)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract_state, shardings)
+
+
+def restore_weights(mngr: ocp.CheckpointManager, sharding) -> dict:
+    """{'params', 'batch_stats'} of the latest checkpoint of any run, whatever its model,
+    optimizer or device layout (read from the checkpoint's own metadata), every array on
+    `sharding`; the optimizer state and the rest are not read. None when there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    path = os.path.join(mngr.directory, str(step), 'default')
+    stored = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    target = {key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=sharding), stored[key])
+              for key in ('params', 'batch_stats')}
+    with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+

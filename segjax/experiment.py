@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from segjax import (
@@ -177,17 +178,68 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def load_pretrained(state: step_lib.TrainState, path: str) -> step_lib.TrainState:
-    """The initial state with published weights loaded into it, on the same shardings."""
-    if not os.path.isfile(path):
+    """The initial state with published weights (a .pth / .safetensors file) or another
+    segjax run's (its workdir) loaded into it, on the same shardings."""
+    if os.path.isdir(path):
+        params, batch_stats = load_run_weights(state.params, state.batch_stats, path)
+    elif os.path.isfile(path):
+        loaded = pretrained.load_into(
+            {'params': state.params, 'batch_stats': state.batch_stats}, path)
+        params, batch_stats = loaded['params'], loaded['batch_stats']
+    else:
         raise pretrained.PretrainedError(
-            f'config.pretrained={path!r} is not a file (a .pth or .safetensors state dict)')
-    loaded = pretrained.load_into(
-        {'params': state.params, 'batch_stats': state.batch_stats}, path)
-    params, batch_stats = jax.device_put(
-        (loaded['params'], loaded['batch_stats']),
-        jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats)))
+            f'config.pretrained={path!r} is neither a file (a .pth or .safetensors state dict) '
+            'nor a directory (a segjax workdir)')
+    params, batch_stats = jax.device_put((params, batch_stats), jax.tree.map(
+        lambda x: x.sharding, (state.params, state.batch_stats)))
     ema = {'params': params, 'batch_stats': batch_stats} if state.ema else {}
     return state.replace(params=params, batch_stats=batch_stats, ema=ema)
+
+
+def _flat_shapes(tree, prefix: tuple = ()) -> dict[tuple, tuple]:
+    """{path under `prefix`: shape} of a nested dict's arrays."""
+    flat = traverse_util.flatten_dict(tree) if tree else {}
+    return {path[len(prefix):]: tuple(np.shape(leaf)) for path, leaf in flat.items()
+            if path[:len(prefix)] == prefix}
+
+
+def load_run_weights(params, batch_stats, workdir: str) -> tuple[dict, dict]:
+    """(params, batch_stats) with the latest checkpoint of the run in `workdir` put where its
+    model fits: the whole model, or the one sub-module of the same structure and shapes (a
+    U-Net's weights into a CRF-as-RNN's `inner`). Its params, not its EMA; no optimizer state."""
+    mngr = checkpoint.manager(checkpoint_dir(workdir), read_only=True)
+    loaded = checkpoint.restore_weights(mngr, sharding.replicated(sharding.make_mesh()))
+    if loaded is None:
+        raise pretrained.PretrainedError(
+            f'config.pretrained={workdir!r}: a directory, but no checkpoint in '
+            f'{checkpoint_dir(workdir)} (expected a segjax workdir)')
+    want = _flat_shapes(loaded['params'])
+    paths = traverse_util.flatten_dict(params)
+    prefixes = {path[:i] for path in paths for i in range(len(path))}
+    fits = sorted(p for p in prefixes if _flat_shapes(params, p) == want)
+    if len(fits) != 1:
+        raise pretrained.PretrainedError(
+            f'config.pretrained={workdir!r}: its model ({len(want)} parameter arrays) fits '
+            + ('neither this model nor any one of its sub-modules' if not fits else
+               f'{len(fits)} places of this model ({", ".join("/".join(p) for p in fits)})')
+            + ' (expected the same model, or one wrapped, e.g. as CRF-as-RNN\'s inner)')
+    prefix = fits[0]
+    stats = _flat_shapes(loaded['batch_stats'])
+    if stats != _flat_shapes(batch_stats, prefix):
+        raise pretrained.PretrainedError(
+            f'config.pretrained={workdir!r}: its BatchNorm statistics do not match this '
+            f'model\'s at {"/".join(prefix) or "the top"}')
+
+    def put(target, source):
+        if not source:
+            return target
+        # Empty sub-dicts kept, so that the tree keeps its structure.
+        flat = traverse_util.flatten_dict(target, keep_empty_nodes=True)
+        for path, leaf in traverse_util.flatten_dict(source).items():
+            flat[prefix + path] = jnp.asarray(leaf, flat[prefix + path].dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    return put(params, loaded['params']), put(batch_stats, loaded['batch_stats'])
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, mesh, step_number=None):
