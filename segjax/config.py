@@ -66,7 +66,8 @@ def defaults() -> ml_collections.ConfigDict:
     # dimension (segjax.sharding.state_shardings; the default is sharding.FSDP_MIN_BYTES).
     c.sharding = 'replicated'
     c.fsdp_min_bytes = 2**16
-    # .pth / .safetensors weights loaded into a fresh run's initial state (not when resuming).
+    # .pth / .safetensors weights, or a segjax workdir (its latest checkpoint), loaded into a
+    # fresh run's initial state (not when resuming).
     c.pretrained = None
     # int8 quantization (segjax.quantization, docs/export.md): None; 'qat' (weights and
     # activations fake-quantized in training and evaluation); 'weight_only_int8' (weights only,
