@@ -12,6 +12,10 @@ images, so a split streams through in constant memory per image.
         evaluator.add_detections(image_id, **detections)   # boxes, scores, labels, masks, valid
     metrics = evaluator.summarize()   # {'bbox/AP': ..., 'segm/AP50': ..., ...}
 
+Several processes each evaluate their own images: every process's `export()` gathered
+(JSON: the RLEs are strings), `CocoEvaluator.merged(num_classes, exports)` holds exactly what
+one evaluator fed every image would hold (segjax.instance.evaluation does this).
+
 Detections must be at the ground truth's resolution: `detections_at_original_size` rescales
 the boxes of a resized input and pastes the 28x28 mask probabilities at the original size.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -128,6 +133,38 @@ class CocoEvaluator:
         bbox, segm = detection_results(image_id, boxes, scores, labels, masks, valid)
         self.bbox_results += bbox
         self.segm_results += segm
+
+    def export(self) -> dict[str, list[dict]]:
+        """Everything added so far as JSON-able lists ('images', 'annotations', 'bbox_results',
+        'segm_results'): one process's share for `merged`. Export before `summarize`, which
+        lets pycocotools' loadRes add keys to the result dicts."""
+        return {'images': self.images, 'annotations': self.annotations,
+                'bbox_results': self.bbox_results, 'segm_results': self.segm_results}
+
+    @classmethod
+    def merged(cls, num_classes: int, exports: list[dict]) -> CocoEvaluator:
+        """One evaluator holding every export's images (e.g. one export per process), as an
+        evaluator fed all of them in image-id order would hold them: each list in image-id
+        order (a stable sort, so each image keeps its own order) and the annotation ids
+        renumbered 1, 2, ... in that order. pycocotools breaks ties by list order, so this is
+        what makes the metrics equal to the one-process ones, not only close."""
+        def by_image(key: str) -> list[dict]:
+            rows = [row for export in exports for row in export[key]]
+            return sorted(rows, key=lambda row: row['image_id'])
+
+        evaluator = cls(num_classes)
+        evaluator.images = sorted((image for export in exports for image in export['images']),
+                                  key=lambda image: image['id'])
+        repeated = [i for i, n in Counter(image['id'] for image in evaluator.images).items()
+                    if n > 1]
+        if repeated:
+            raise ValueError(f'image ids {sorted(repeated)[:10]} are in more than one export; '
+                             'expected each image in exactly one (each process its own images)')
+        evaluator.annotations = [{**annotation, 'id': new_id} for new_id, annotation in
+                                 enumerate(by_image('annotations'), start=1)]
+        evaluator.bbox_results = by_image('bbox_results')
+        evaluator.segm_results = by_image('segm_results')
+        return evaluator
 
     def summarize(self) -> dict[str, float]:
         """{'bbox/AP', ..., 'segm/APl'} over every image added so far."""

@@ -7,13 +7,22 @@ rows); its detections are scaled back and their 28x28 mask probabilities pasted 
 ORIGINAL image size, where they meet the example's own annotations in
 `coco_eval.CocoEvaluator` (pycocotools). Only RLEs are kept between batches.
 
-    metrics = coco_metrics_over_split(state, builder, config, mesh, model=model,
+On several processes each evaluates its own slice of the split (tfds.split_for_jax_process),
+numbering images as one process would (their positions in the split), running the forward as
+many times as the largest slice needs (the shorter ones padded with all-invalid batches: the
+jitted forward is a collective); then every process's images and detections are all-gathered
+(JSON bytes) and every process runs pycocotools on the union: the metrics equal the
+one-process metrics exactly.
+
+    metrics = coco_metrics_over_split(state, builder, config, mesh, detect_fn=detect_fn,
                                       min_size=64, max_size=64)
     # {'bbox/AP', 'bbox/AP50', 'bbox/AP75', 'bbox/APs', 'bbox/APm', 'bbox/APl', 'segm/...'}
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -21,6 +30,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from segjax import config as config_lib
 from segjax import sharding
@@ -75,28 +85,76 @@ def eval_examples(builder, *, split: str, process_index: int = 0, process_count:
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def padded_batches(examples: Iterator[dict], batch_size: int) -> Iterator[tuple[dict, list]]:
-    """(model batch {'image', 'image_size', 'valid'} of exactly batch_size rows, the examples in
-    it): the last batch is padded with zero images of valid=False."""
-    chunk: list[dict] = []
-    for example in examples:
-        chunk.append(example)
-        if len(chunk) == batch_size:
-            yield _stack(chunk, batch_size), chunk
-            chunk = []
-    if chunk:
-        yield _stack(chunk, batch_size), chunk
+def process_slices(builder, split: str, process_count: int) -> list[np.ndarray]:
+    """Per process, the positions (0-based, in the one-process read order of `split`) of the
+    examples its slice (tfds.split_for_jax_process, drop_remainder=False) reads, in its order.
+
+    tfds splits each '+'-joined part of a split evenly on its own, so a process's slice of
+    'a+b' is its share of a, then its share of b: contiguous only for a one-part split."""
+    positions: list[list[np.ndarray]] = [[] for _ in range(process_count)]
+    offset = 0
+    for part in (p.strip() for p in split.split('+')):
+        start = offset
+        for process, share in enumerate(tfds.even_splits(part, n=process_count,
+                                                         drop_remainder=False)):
+            size = builder.info.splits[share].num_examples
+            positions[process].append(np.arange(start, start + size))
+            start += size
+        offset += builder.info.splits[part].num_examples
+    slices = [np.concatenate(p) for p in positions]
+    for process, positions_of in enumerate(slices):
+        host_split = tfds.split_for_jax_process(split, process_index=process,
+                                                process_count=process_count, drop_remainder=False)
+        if len(positions_of) != builder.info.splits[host_split].num_examples:
+            raise ValueError(f'split {split!r}: process {process} of {process_count} reads '
+                             f'{builder.info.splits[host_split].num_examples} examples, expected '
+                             f'{len(positions_of)} from an even split of each part (has tfds '
+                             'changed how split_for_jax_process divides a split?)')
+    return slices
 
 
-def _stack(chunk: list[dict], batch_size: int) -> dict:
-    fill = batch_size - len(chunk)
-    images = np.stack([e['image'] for e in chunk])
-    sizes = np.stack([e['image_size'] for e in chunk]).astype(np.int32)
+def padded_batches(examples: Iterator[dict], batch_size: int, num_batches: int,
+                   canvas: tuple[int, int]) -> Iterator[tuple[dict, list]]:
+    """Exactly num_batches (model batch {'image', 'image_size', 'valid'} of batch_size rows, the
+    examples in it): rows past the last example are zero images of valid=False, whole batches
+    of them once the examples run out (every process runs the forward as often as the others)."""
+    examples = iter(examples)
+    for _ in range(num_batches):
+        chunk = list(itertools.islice(examples, batch_size))
+        yield _stack(chunk, batch_size, canvas), chunk
+    if next(examples, None) is not None:
+        raise ValueError(f'more eval examples than {num_batches} batches of {batch_size} hold')
+
+
+def _stack(chunk: list[dict], batch_size: int, canvas: tuple[int, int]) -> dict:
+    images = np.zeros((batch_size, *canvas, 3), np.float32)
     # Padding rows: a zero image whose "unpadded" size is the whole canvas (any valid size).
-    images = np.concatenate([images, np.zeros((fill, *images.shape[1:]), images.dtype)])
-    sizes = np.concatenate([sizes, np.tile(np.int32(images.shape[1:3]), (fill, 1))])
-    return {'image': images, 'image_size': sizes,
-            'valid': np.arange(batch_size) < len(chunk)}
+    sizes = np.tile(np.int32(canvas), (batch_size, 1))
+    for row, example in enumerate(chunk):
+        images[row], sizes[row] = example['image'], example['image_size']
+    return {'image': images, 'image_size': sizes, 'valid': np.arange(batch_size) < len(chunk)}
+
+
+def this_process_rows(outputs: dict, mesh) -> dict[str, np.ndarray]:
+    """The rows of the forward's batch-sharded outputs that this process fed, as numpy."""
+    if jax.process_count() == 1:
+        return jax.device_get(outputs)  # every row of the global outputs is this process's
+    return {key: sharding.to_local(value, mesh) for key, value in outputs.items()}
+
+
+def allgather_json(value) -> list:
+    """`value` (JSON-able) of every process, in process order: its UTF-8 JSON all-gathered as
+    bytes, each padded to the longest (JAX gathers arrays of one shape)."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    if len(data) >= 2**31:  # the lengths travel as int32 (JAX without x64)
+        raise ValueError(f'{len(data):,} bytes of JSON to gather from process '
+                         f'{jax.process_index()}: expected under 2 GiB')
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(row[:length].tobytes()) for row, length in zip(gathered, lengths,
+                                                                       strict=True)]
 
 
 def detect(variables: dict, images: jax.Array, image_sizes: jax.Array, *, model) -> dict:
@@ -115,38 +173,56 @@ def pad_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def coco_metrics_over_split(state, builder, config: ml_collections.ConfigDict, mesh, *,
-                            detect_fn, min_size: int, max_size: int) -> dict[str, float]:
-    """{'bbox/AP', ..., 'segm/APl'} of `state`'s params/batch_stats on config.data.eval_split.
-
-    detect_fn: jitted (variables, images, image_sizes) -> `detect`'s dict (built once by the
-    trainer, so evaluations during training reuse its compilation)."""
-    if jax.process_count() > 1:
-        raise config_lib.ConfigError(
-            'COCO evaluation of an instance experiment runs in one process (pycocotools needs '
-            'every detection in one place; gathering them across hosts is not written yet): '
-            'evaluate the checkpoint with python -m segjax.evaluate on one host')
+def coco_evaluator_over_split(state, builder, config: ml_collections.ConfigDict, mesh, *,
+                              detect_fn, min_size: int, max_size: int) -> coco_eval.CocoEvaluator:
+    """A CocoEvaluator holding every image of config.data.eval_split with `state`'s detections,
+    on every process (see `coco_metrics_over_split`)."""
     height, width = pad_size(config)
-    examples = eval_examples(builder, split=config.data.eval_split, min_size=min_size,
-                             max_size=max_size, height=height, width=width,
-                             mean=tuple(config.data.mean), std=tuple(config.data.std))
+    split = config.data.eval_split
+    process_index, process_count = jax.process_index(), jax.process_count()
+    slices = process_slices(builder, split, process_count)
+    if not sum(map(len, slices)):
+        raise ValueError(f'config.data.eval_split={split!r} has no examples to evaluate')
     batch_size = sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size')
+    # The jitted forward is a collective: every process runs it as often as the longest slice.
+    num_batches = max(-(-len(positions) // batch_size) for positions in slices)
+    examples: Iterator[dict] = iter(())  # tfds cannot read an empty slice (more processes
+    if len(slices[process_index]):       # than examples): such a process runs padding only
+        examples = eval_examples(builder, split=split, process_index=process_index,
+                                 process_count=process_count, min_size=min_size,
+                                 max_size=max_size, height=height, width=width,
+                                 mean=tuple(config.data.mean), std=tuple(config.data.std))
+    # Ids as one process numbers the split (1, 2, ... in read order), so the metrics are equal.
+    image_ids = iter((slices[process_index] + 1).tolist())
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     evaluator = coco_eval.CocoEvaluator(config.data.num_classes)
-    image_id = 0
-    for batch, chunk in padded_batches(examples, batch_size):
+    for batch, chunk in padded_batches(examples, batch_size, num_batches, (height, width)):
         inputs = sharding.to_global({'image': batch['image'], 'image_size': batch['image_size']},
                                     mesh)
-        # One process (checked above): every row of the global outputs is this process's.
-        outputs = jax.device_get(detect_fn(variables, inputs['image'], inputs['image_size']))
+        outputs = this_process_rows(
+            detect_fn(variables, inputs['image'], inputs['image_size']), mesh)
         for row, example in enumerate(chunk):
-            image_id += 1
+            image_id = next(image_ids)
             evaluator.add_ground_truth(image_id, example['instances'], example['original_size'])
             detections = coco_eval.detections_at_original_size(
                 {k: v[row] for k, v in outputs.items()}, batch['image_size'][row],
                 example['original_size'])
             evaluator.add_detections(image_id, **detections)
-    if image_id == 0:
-        raise ValueError(f'config.data.eval_split={config.data.eval_split!r} has no examples '
-                         'to evaluate')
-    return evaluator.summarize()
+    if next(image_ids, None) is not None:
+        raise ValueError(f'config.data.eval_split={split!r}: process {process_index} read fewer '
+                         f'examples than the {len(slices[process_index])} its slice holds')
+    if process_count == 1:
+        return evaluator
+    return coco_eval.CocoEvaluator.merged(config.data.num_classes,
+                                          allgather_json(evaluator.export()))
+
+
+def coco_metrics_over_split(state, builder, config: ml_collections.ConfigDict, mesh, *,
+                            detect_fn, min_size: int, max_size: int) -> dict[str, float]:
+    """{'bbox/AP', ..., 'segm/APl'} of `state`'s params/batch_stats on config.data.eval_split,
+    the same on every process and for any number of processes.
+
+    detect_fn: jitted (variables, images, image_sizes) -> `detect`'s dict (built once by the
+    trainer, so evaluations during training reuse its compilation)."""
+    return coco_evaluator_over_split(state, builder, config, mesh, detect_fn=detect_fn,
+                                     min_size=min_size, max_size=max_size).summarize()
