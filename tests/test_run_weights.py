@@ -1,6 +1,8 @@
 """config.pretrained=<a segjax workdir>: another run's trained weights start a new run (the same
 model, or inside a wrapper such as CRF-as-RNN), whatever that run's optimizer."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -8,8 +10,9 @@ import pytest
 from segjax import checkpoint, experiment, pretrained, sharding
 from segjax import config as config_lib
 
-UNET = 'experiments/unet_synthetic.py'
-CRF_RNN = 'experiments/crf_rnn_unet_synthetic.py'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNET = os.path.join(ROOT, 'experiments', 'unet_synthetic.py')
+CRF_RNN = os.path.join(ROOT, 'experiments', 'crf_rnn_unet_synthetic.py')
 SMALL = ['data.crop_size=(32, 32)', 'batch_size=2']
 
 
