@@ -196,10 +196,15 @@ def load_pretrained(state: step_lib.TrainState, path: str) -> step_lib.TrainStat
     return state.replace(params=params, batch_stats=batch_stats, ema=ema)
 
 
-def _flat_shapes(tree, prefix: tuple = ()) -> dict[tuple, tuple]:
-    """{path under `prefix`: shape} of a nested dict's arrays."""
+def _flat_shapes(tree) -> dict[tuple, tuple]:
+    """{path: shape} of a nested dict's arrays."""
     flat = traverse_util.flatten_dict(tree) if tree else {}
-    return {path[len(prefix):]: tuple(np.shape(leaf)) for path, leaf in flat.items()
+    return {path: tuple(np.shape(leaf)) for path, leaf in flat.items()}
+
+
+def _under(shapes: dict[tuple, tuple], prefix: tuple) -> dict[tuple, tuple]:
+    """The entries of `_flat_shapes` below `prefix`, their paths relative to it."""
+    return {path[len(prefix):]: shape for path, shape in shapes.items()
             if path[:len(prefix)] == prefix}
 
 
@@ -213,10 +218,9 @@ def load_run_weights(params, batch_stats, workdir: str) -> tuple[dict, dict]:
         raise pretrained.PretrainedError(
             f'config.pretrained={workdir!r}: a directory, but no checkpoint in '
             f'{checkpoint_dir(workdir)} (expected a segjax workdir)')
-    want = _flat_shapes(loaded['params'])
-    paths = traverse_util.flatten_dict(params)
-    prefixes = {path[:i] for path in paths for i in range(len(path))}
-    fits = sorted(p for p in prefixes if _flat_shapes(params, p) == want)
+    want, have = _flat_shapes(loaded['params']), _flat_shapes(params)
+    prefixes = {path[:i] for path in have for i in range(len(path))}
+    fits = sorted(p for p in prefixes if _under(have, p) == want)
     if len(fits) != 1:
         raise pretrained.PretrainedError(
             f'config.pretrained={workdir!r}: its model ({len(want)} parameter arrays) fits '
@@ -224,8 +228,7 @@ def load_run_weights(params, batch_stats, workdir: str) -> tuple[dict, dict]:
                f'{len(fits)} places of this model ({", ".join("/".join(p) for p in fits)})')
             + ' (expected the same model, or one wrapped, e.g. as CRF-as-RNN\'s inner)')
     prefix = fits[0]
-    stats = _flat_shapes(loaded['batch_stats'])
-    if stats != _flat_shapes(batch_stats, prefix):
+    if _flat_shapes(loaded['batch_stats']) != _under(_flat_shapes(batch_stats), prefix):
         raise pretrained.PretrainedError(
             f'config.pretrained={workdir!r}: its BatchNorm statistics do not match this '
             f'model\'s at {"/".join(prefix) or "the top"}')
