@@ -18,6 +18,7 @@ from test_end_to_end import ROOT, checkpoint_steps, run_cli
 
 from segjax import config as config_lib
 from segjax import experiment, sharding
+from segjax.data import instances
 from segjax.instance.torchvision_weights import load_maskrcnn
 
 
@@ -161,3 +162,12 @@ def write_cityscapes_zips(directory, frames: list[tuple[str, str, str]],
         with zipfile.ZipFile(directory / name, 'w') as archive:
             for member in sorted(members):
                 archive.writestr(member, members[member])
+
+
+def prepared_instances(config, data_dir) -> instances.SyntheticInstances:
+    """The synthetic_instances builder of `config` (a name or a SyntheticShapesConfig),
+    prepared in `data_dir`."""
+    builder = instances.SyntheticInstances(config=config, data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return builder
+

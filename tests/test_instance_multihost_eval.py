@@ -15,10 +15,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import prepared_instances
 from test_end_to_end import ROOT
 from test_multihost import free_port
 
-from segjax.data import instances, synthetic
+from segjax.data import synthetic
 from segjax.instance import coco_eval, evaluation
 
 DATA = synthetic.SyntheticShapesConfig(
@@ -28,10 +29,7 @@ DATA = synthetic.SyntheticShapesConfig(
 
 @pytest.fixture(scope='module')
 def builder(tmp_path_factory):
-    builder = instances.SyntheticInstances(config=DATA,
-                                           data_dir=str(tmp_path_factory.mktemp('tfds')))
-    builder.download_and_prepare()
-    return builder
+    return prepared_instances(DATA, tmp_path_factory.mktemp('tfds'))
 
 
 def random_image(rng: np.random.Generator, size: int = 24) -> tuple[dict, dict]:
@@ -130,7 +128,7 @@ def test_allgather_json_in_one_process_returns_the_value():
 @pytest.mark.slow  # several processes, each compiling a tiny Mask R-CNN: ~1.5 minutes
 def test_two_processes_evaluate_coco_exactly_as_one(tmp_path):
     data_dir = tmp_path / 'tfds'
-    instances.SyntheticInstances(config='smoke', data_dir=str(data_dir)).download_and_prepare()
+    prepared_instances('smoke', data_dir)
     script = os.path.join(ROOT, 'tests', 'multiprocess_coco_eval.py')
 
     def start(out, devices: int, *multihost):

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from helpers import TINY_MASKRCNN
+from helpers import TINY_MASKRCNN, prepared_instances
 from jax.sharding import AxisType
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -23,7 +23,7 @@ from pycocotools.cocoeval import COCOeval
 
 from segjax import checkpoint, sharding, step
 from segjax import config as config_lib
-from segjax.data import instances, synthetic
+from segjax.data import synthetic
 from segjax.instance import evaluation, fpn, maskrcnn, postprocess
 from segjax.trainers import instance
 
@@ -40,10 +40,7 @@ BATCH = 8
 
 @pytest.fixture(scope='module')
 def builder(tmp_path_factory):
-    builder = instances.SyntheticInstances(config=DATA,
-                                           data_dir=str(tmp_path_factory.mktemp('tfds')))
-    builder.download_and_prepare()
-    return builder
+    return prepared_instances(DATA, tmp_path_factory.mktemp('tfds'))
 
 
 def make_trainer(tx=None, **options):
